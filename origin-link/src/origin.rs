@@ -1,0 +1,269 @@
+//! The origin side: a registry of live broadcasts and the QUIC server that serves them.
+//!
+//! A subscriber opens one bidirectional stream per broadcast and sends
+//! [`Message::Subscribe`]; the origin answers [`Message::SubscribeOk`] and then writes every
+//! frame of that broadcast on the same stream, or [`Message::SubscribeError`] and finishes.
+//!
+//! Memory is bounded per subscriber: frames fan out through a broadcast channel of
+//! [`BACKLOG_FRAMES`]; a subscriber that falls further behind (its QUIC stream is flow
+//! controlled) skips the frames it missed instead of making the origin buffer them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use crate::tls::{self, Identity};
+use crate::wire::{self, Codec, Frame, Message, SubscribeErrorCode};
+use crate::{BroadcastId, Error};
+
+/// Frames a subscriber may lag behind before it skips ahead (64 × 20 ms = 1.28 s).
+pub const BACKLOG_FRAMES: usize = 64;
+
+/// How long a new stream may take to say what it wants.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// QUIC application error code for a protocol violation by the peer.
+const CLOSE_PROTOCOL: u32 = 1;
+
+struct Published {
+    channels: u8,
+    tx: broadcast::Sender<Frame>,
+}
+
+/// The broadcasts an origin currently has, shared by the publishers and the server.
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<HashMap<BroadcastId, Published>>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts publishing `id`. The broadcast exists until the returned [`Publisher`] drops.
+    pub fn publish(&self, id: BroadcastId, channels: u8) -> Publisher {
+        let (tx, _) = broadcast::channel(BACKLOG_FRAMES);
+        self.lock().insert(
+            id.clone(),
+            Published {
+                channels,
+                tx: tx.clone(),
+            },
+        );
+        Publisher {
+            id,
+            tx,
+            registry: self.clone(),
+        }
+    }
+
+    /// Subscribes to `id` in process, if it is published.
+    pub fn subscribe(&self, id: &BroadcastId) -> Option<(u8, broadcast::Receiver<Frame>)> {
+        self.lock()
+            .get(id)
+            .map(|p| (p.channels, p.tx.subscribe()))
+    }
+
+    /// Ids of the published broadcasts.
+    pub fn ids(&self) -> Vec<BroadcastId> {
+        let mut ids: Vec<_> = self.lock().keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<BroadcastId, Published>> {
+        // A panic while holding this lock would be a bug in the few lines above; the map is
+        // still consistent (every operation is a single insert/remove/get), so keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The sending half of a published broadcast.
+pub struct Publisher {
+    id: BroadcastId,
+    tx: broadcast::Sender<Frame>,
+    registry: Registry,
+}
+
+impl Publisher {
+    /// Sends one frame to every current subscriber. Never blocks.
+    pub fn send(&self, frame: Frame) {
+        // An error only means nobody is subscribed right now.
+        let _ = self.tx.send(frame);
+    }
+
+    /// The broadcast's id.
+    pub fn id(&self) -> &BroadcastId {
+        &self.id
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let mut map = self.registry.lock();
+        // Only remove our own entry: a newer publisher may have replaced it.
+        if map.get(&self.id).is_some_and(|p| p.tx.same_channel(&self.tx)) {
+            map.remove(&self.id);
+        }
+    }
+}
+
+/// The origin's QUIC server.
+pub struct Origin {
+    endpoint: quinn::Endpoint,
+    registry: Registry,
+}
+
+impl Origin {
+    /// Binds the QUIC server on `addr` (port 0 picks a free port).
+    pub fn bind(addr: SocketAddr, identity: Identity, registry: Registry) -> Result<Self, Error> {
+        let endpoint = quinn::Endpoint::server(tls::server_config(identity)?, addr)?;
+        Ok(Self { endpoint, registry })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Serves subscribers until `shutdown` resolves, then closes every connection.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let registry = self.registry.clone();
+                    tokio::spawn(async move {
+                        let remote = incoming.remote_address();
+                        match incoming.await {
+                            Ok(conn) => serve_connection(conn, registry).await,
+                            Err(e) => debug!(%remote, "origin-link handshake failed: {e}"),
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        self.endpoint.close(0u32.into(), b"origin shutting down");
+        // Give the close frames a moment to leave; bounded so shutdown never hangs.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, registry: Registry) {
+    let remote = conn.remote_address();
+    info!(%remote, "origin-link subscriber connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let registry = registry.clone();
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_stream(send, recv, &registry).await {
+                        if let Error::Protocol(reason) = &e {
+                            warn!(%remote, "closing origin-link connection: {reason}");
+                            conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+                        } else {
+                            debug!(%remote, "subscription ended: {e}");
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                info!(%remote, "origin-link subscriber gone: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    registry: &Registry,
+) -> Result<(), Error> {
+    let request = tokio::time::timeout(SUBSCRIBE_TIMEOUT, read_message(&mut recv))
+        .await
+        .map_err(|_| Error::Protocol("no Subscribe within 5 s".into()))??;
+    let broadcast = match request {
+        Some(Message::Subscribe { broadcast }) => broadcast,
+        Some(other) => {
+            return Err(Error::Protocol(format!(
+                "expected Subscribe as the first message, got {other:?}"
+            )))
+        }
+        None => return Ok(()),
+    };
+    let mut buf = BytesMut::new();
+    let Some((channels, mut rx)) = registry.subscribe(&broadcast) else {
+        wire::encode(
+            &Message::SubscribeError {
+                code: SubscribeErrorCode::NotFound,
+                reason: format!("no broadcast named {broadcast}"),
+            },
+            &mut buf,
+        );
+        send.write_all(&buf).await?;
+        let _ = send.finish();
+        return Ok(());
+    };
+    info!(%broadcast, "subscription started");
+    wire::encode(
+        &Message::SubscribeOk {
+            codec: Codec::Opus,
+            channels,
+        },
+        &mut buf,
+    );
+    send.write_all(&buf).await?;
+    loop {
+        match rx.recv().await {
+            Ok(frame) => {
+                buf.clear();
+                wire::encode(&Message::Frame(frame), &mut buf);
+                send.write_all(&buf).await?;
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(%broadcast, skipped = n, "subscriber fell behind; skipping frames");
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                info!(%broadcast, "broadcast ended");
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads one message from a stream, or `None` at a clean end of stream.
+pub(crate) async fn read_message(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Message>, Error> {
+    let mut buf = BytesMut::new();
+    read_next(recv, &mut buf).await
+}
+
+/// Reads the next message, using `buf` to carry bytes between calls.
+pub(crate) async fn read_next(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<Option<Message>, Error> {
+    loop {
+        if let Some(msg) = wire::decode(buf)? {
+            return Ok(Some(msg));
+        }
+        match recv.read_chunk(16 * 1024, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None if buf.is_empty() => return Ok(None),
+            None => return Err(Error::Protocol("stream ended inside a message".into())),
+        }
+    }
+}
