@@ -66,9 +66,7 @@ impl Registry {
 
     /// Subscribes to `id` in process, if it is published.
     pub fn subscribe(&self, id: &BroadcastId) -> Option<(u8, broadcast::Receiver<Frame>)> {
-        self.lock()
-            .get(id)
-            .map(|p| (p.channels, p.tx.subscribe()))
+        self.lock().get(id).map(|p| (p.channels, p.tx.subscribe()))
     }
 
     /// Ids of the published broadcasts.
@@ -109,7 +107,10 @@ impl Drop for Publisher {
     fn drop(&mut self) {
         let mut map = self.registry.lock();
         // Only remove our own entry: a newer publisher may have replaced it.
-        if map.get(&self.id).is_some_and(|p| p.tx.same_channel(&self.tx)) {
+        if map
+            .get(&self.id)
+            .is_some_and(|p| p.tx.same_channel(&self.tx))
+        {
             map.remove(&self.id);
         }
     }
@@ -244,9 +245,7 @@ async fn serve_stream(
 }
 
 /// Reads one message from a stream, or `None` at a clean end of stream.
-pub(crate) async fn read_message(
-    recv: &mut quinn::RecvStream,
-) -> Result<Option<Message>, Error> {
+pub(crate) async fn read_message(recv: &mut quinn::RecvStream) -> Result<Option<Message>, Error> {
     let mut buf = BytesMut::new();
     read_next(recv, &mut buf).await
 }

@@ -188,7 +188,9 @@ mod tests {
         }
         // The tick is louder than the tone.
         let peak = |range: std::ops::Range<u64>| {
-            range.map(|n| TestSource::signal(n).abs()).fold(0.0, f32::max)
+            range
+                .map(|n| TestSource::signal(n).abs())
+                .fold(0.0, f32::max)
         };
         assert!(peak(0..TICK_SAMPLES) > 0.6);
         assert!(peak(10_000..20_000) < 0.3);

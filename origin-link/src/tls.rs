@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+pub use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
 
 use crate::{Error, ALPN};
 
@@ -27,7 +28,8 @@ impl Identity {
     /// Makes a self-signed certificate for `names` (DNS names or IP addresses).
     pub fn self_signed(names: &[&str]) -> Result<Self, Error> {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-        let ck = rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
+        let ck =
+            rcgen::generate_simple_self_signed(names).map_err(|e| Error::Tls(e.to_string()))?;
         Ok(Self {
             chain: vec![ck.cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into()),
@@ -55,7 +57,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Error::Tls(format!("parsing {}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!("{} holds no certificate", path.display())));
+        return Err(Error::Tls(format!(
+            "{} holds no certificate",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -70,7 +75,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
     // stays up, and a dead one is noticed within seconds, not minutes.
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     // 10 s fits in a VarInt; the conversion cannot fail.
-    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s is a valid idle timeout")));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(10)
+            .try_into()
+            .expect("10 s is a valid idle timeout"),
+    ));
     Arc::new(t)
 }
 

@@ -141,7 +141,7 @@ pub fn encode(msg: &Message, buf: &mut BytesMut) {
             while !reason.is_char_boundary(end) {
                 end -= 1;
             }
-            put_bytes(&mut body, reason[..end].as_bytes());
+            put_bytes(&mut body, &reason.as_bytes()[..end]);
             T_SUBSCRIBE_ERROR
         }
         Message::Frame(f) => {
@@ -205,7 +205,9 @@ fn parse_body(ty: u64, body: &mut Bytes) -> Result<Message, Error> {
             let codec = Codec::from_code(take_varint(body, "codec")?)?;
             let channels = take_varint(body, "channels")?;
             if !(1..=2).contains(&channels) {
-                return Err(Error::Protocol(format!("{channels} channels is not supported")));
+                return Err(Error::Protocol(format!(
+                    "{channels} channels is not supported"
+                )));
             }
             Ok(Message::SubscribeOk {
                 codec,
@@ -374,22 +376,25 @@ mod tests {
     #[test]
     fn malformed_messages_are_errors() {
         let cases: Vec<(u64, Vec<u8>)> = vec![
-            (0x7f, vec![]),                       // unknown type
+            (0x7f, vec![]),                           // unknown type
             (T_SUBSCRIBE, vec![3, b'a', b'/', b'b']), // id with a slash
-            (T_SUBSCRIBE, vec![2, 0xff, 0xfe]),   // not UTF-8
-            (T_SUBSCRIBE, vec![0]),               // empty id
-            (T_SUBSCRIBE_OK, vec![9, 2]),         // unknown codec
-            (T_SUBSCRIBE_OK, vec![1, 7]),         // 7 channels
-            (T_FRAME, vec![1, 2, 3, 0]),          // empty payload
-            (T_FRAME, vec![1, 2, 3, 5, 1]),       // truncated payload
-            (T_SUBSCRIBE_OK, vec![1, 2, 0]),      // trailing byte
+            (T_SUBSCRIBE, vec![2, 0xff, 0xfe]),       // not UTF-8
+            (T_SUBSCRIBE, vec![0]),                   // empty id
+            (T_SUBSCRIBE_OK, vec![9, 2]),             // unknown codec
+            (T_SUBSCRIBE_OK, vec![1, 7]),             // 7 channels
+            (T_FRAME, vec![1, 2, 3, 0]),              // empty payload
+            (T_FRAME, vec![1, 2, 3, 5, 1]),           // truncated payload
+            (T_SUBSCRIBE_OK, vec![1, 2, 0]),          // trailing byte
         ];
         for (ty, body) in cases {
             let mut buf = BytesMut::new();
             put_varint(&mut buf, ty);
             put_varint(&mut buf, body.len() as u64);
             buf.put_slice(&body);
-            assert!(decode(&mut buf).is_err(), "type {ty:#x} body {body:?} was accepted");
+            assert!(
+                decode(&mut buf).is_err(),
+                "type {ty:#x} body {body:?} was accepted"
+            );
         }
     }
 

@@ -47,7 +47,7 @@ async fn frames_arrive_in_order_and_unknown_broadcasts_are_refused() {
     let s = start().await;
     let demo: BroadcastId = "demo".parse().unwrap();
     let publisher = s.registry.publish(demo.clone(), 2);
-    let up = Upstream::new(s.addr, "localhost", &[s.cert.clone()]).unwrap();
+    let up = Upstream::new(s.addr, "localhost", std::slice::from_ref(&s.cert)).unwrap();
 
     let mut sub = up.subscribe(&demo).await.unwrap();
     assert_eq!(sub.channels, 2);
@@ -85,7 +85,10 @@ async fn a_relay_with_the_wrong_certificate_is_refused() {
     let up = Upstream::new(s.addr, "localhost", &[other.chain[0].clone()]).unwrap();
     let demo: BroadcastId = "demo".parse().unwrap();
     let _p = s.registry.publish(demo.clone(), 2);
-    assert!(matches!(up.subscribe(&demo).await, Err(Error::Connect { .. })));
+    assert!(matches!(
+        up.subscribe(&demo).await,
+        Err(Error::Connect { .. })
+    ));
 }
 
 #[tokio::test]
@@ -93,12 +96,12 @@ async fn a_hostile_peer_is_cut_off_and_others_keep_receiving() {
     let s = start().await;
     let demo: BroadcastId = "demo".parse().unwrap();
     let publisher = s.registry.publish(demo.clone(), 1);
-    let good = Upstream::new(s.addr, "localhost", &[s.cert.clone()]).unwrap();
+    let good = Upstream::new(s.addr, "localhost", std::slice::from_ref(&s.cert)).unwrap();
     let mut sub = good.subscribe(&demo).await.unwrap();
 
     // A raw QUIC client that speaks garbage on a stream.
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(tls::client_config(&[s.cert.clone()]).unwrap());
+    ep.set_default_client_config(tls::client_config(std::slice::from_ref(&s.cert)).unwrap());
     let conn = ep.connect(s.addr, "localhost").unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     let mut junk = BytesMut::new();
@@ -149,7 +152,7 @@ async fn a_subscriber_that_falls_behind_skips_ahead_instead_of_queueing() {
     let s = start().await;
     let demo: BroadcastId = "demo".parse().unwrap();
     let publisher = s.registry.publish(demo.clone(), 2);
-    let up = Upstream::new(s.addr, "localhost", &[s.cert.clone()]).unwrap();
+    let up = Upstream::new(s.addr, "localhost", std::slice::from_ref(&s.cert)).unwrap();
     let mut sub = up.subscribe(&demo).await.unwrap();
     let burst = 10 * tern_origin_link::origin::BACKLOG_FRAMES as u64;
     for i in 0..burst {

@@ -197,7 +197,13 @@ impl Fanout {
             next_timeout: now,
             dead: None,
         };
-        drain(id, &mut listener, &mut self.transmits, &mut self.events, &mut self.stats);
+        drain(
+            id,
+            &mut listener,
+            &mut self.transmits,
+            &mut self.events,
+            &mut self.stats,
+        );
         self.by_ufrag.insert(creds.ufrag, id);
         self.members.entry(broadcast).or_default().push(id);
         self.listeners.insert(id, listener);
@@ -211,7 +217,13 @@ impl Fanout {
         };
         l.rtc.disconnect();
         l.dead = Some(LeaveReason::Deleted);
-        drain(id, l, &mut self.transmits, &mut self.events, &mut self.stats);
+        drain(
+            id,
+            l,
+            &mut self.transmits,
+            &mut self.events,
+            &mut self.stats,
+        );
         self.reap();
         true
     }
@@ -260,7 +272,13 @@ impl Fanout {
             // A bad packet costs this packet only; the session goes on.
             debug!(listener = id.0, "dropped input: {e}");
         }
-        drain(id, l, &mut self.transmits, &mut self.events, &mut self.stats);
+        drain(
+            id,
+            l,
+            &mut self.transmits,
+            &mut self.events,
+            &mut self.stats,
+        );
         self.reap();
         true
     }
@@ -276,17 +294,27 @@ impl Fanout {
         let rtp_time = MediaTime::new(frame.timestamp, Frequency::FORTY_EIGHT_KHZ);
         for id in ids {
             // Members and listeners are kept in step by `reap`.
-            let Some(l) = self.listeners.get_mut(id) else { continue };
+            let Some(l) = self.listeners.get_mut(id) else {
+                continue;
+            };
             let Some((mid, pt)) = l.media else { continue };
             if !l.connected || l.dead.is_some() {
                 continue;
             }
-            let Some(writer) = l.rtc.writer(mid) else { continue };
+            let Some(writer) = l.rtc.writer(mid) else {
+                continue;
+            };
             match writer.write(pt, now, rtp_time, payload.clone()) {
                 Ok(()) => self.stats.frames_out += 1,
                 Err(e) => debug!(listener = id.0, "write failed: {e}"),
             }
-            drain(*id, l, &mut self.transmits, &mut self.events, &mut self.stats);
+            drain(
+                *id,
+                l,
+                &mut self.transmits,
+                &mut self.events,
+                &mut self.stats,
+            );
         }
         self.reap();
     }
@@ -303,7 +331,13 @@ impl Fanout {
                     debug!(listener = id.0, "timeout handling failed: {e}");
                     l.dead = Some(LeaveReason::Failed);
                 }
-                drain(*id, l, &mut self.transmits, &mut self.events, &mut self.stats);
+                drain(
+                    *id,
+                    l,
+                    &mut self.transmits,
+                    &mut self.events,
+                    &mut self.stats,
+                );
             }
         }
         self.reap();
@@ -360,9 +394,17 @@ impl Fanout {
             .collect();
         for id in dead {
             // `dead` was collected from `listeners` just above.
-            let Some(mut l) = self.listeners.remove(&id) else { continue };
+            let Some(mut l) = self.listeners.remove(&id) else {
+                continue;
+            };
             // Flush what the peer should still hear (e.g. DTLS close_notify).
-            drain(id, &mut l, &mut self.transmits, &mut self.events, &mut self.stats);
+            drain(
+                id,
+                &mut l,
+                &mut self.transmits,
+                &mut self.events,
+                &mut self.stats,
+            );
             self.by_ufrag.remove(&l.ufrag);
             for a in &l.addrs {
                 self.by_addr.remove(a);
@@ -406,7 +448,8 @@ fn drain(
                     l.connected = true;
                     events.push_back(FanoutEvent::Connected(id));
                 }
-                Event::IceConnectionStateChange(IceConnectionState::Disconnected) | Event::Closed => {
+                Event::IceConnectionStateChange(IceConnectionState::Disconnected)
+                | Event::Closed => {
                     l.dead.get_or_insert(LeaveReason::Disconnected);
                 }
                 _ => {}
@@ -436,7 +479,10 @@ fn answer_media(answer: &str) -> Option<(Mid, Pt)> {
             pt = None;
         } else if let Some(m) = line.strip_prefix("a=mid:") {
             mid = Some(m.trim());
-        } else if let Some((p, enc)) = line.strip_prefix("a=rtpmap:").and_then(|r| r.split_once(' ')) {
+        } else if let Some((p, enc)) = line
+            .strip_prefix("a=rtpmap:")
+            .and_then(|r| r.split_once(' '))
+        {
             if pt.is_none() && enc.to_ascii_lowercase().starts_with("opus/48000") {
                 pt = p.parse::<u8>().ok();
             }
@@ -450,7 +496,9 @@ fn answer_media(answer: &str) -> Option<(Mid, Pt)> {
 /// Cheap checks that give a WHEP client a precise reason before the SDP parser runs.
 fn check_offer(offer: &str) -> Result<(), Error> {
     if !offer.starts_with("v=0") {
-        return Err(Error::BadOffer("body is not an SDP offer (must start with v=0)".into()));
+        return Err(Error::BadOffer(
+            "body is not an SDP offer (must start with v=0)".into(),
+        ));
     }
     let has_audio = offer.lines().any(|l| l.starts_with("m=audio "));
     if !has_audio {
@@ -462,7 +510,9 @@ fn check_offer(offer: &str) -> Result<(), Error> {
             .is_some_and(|(_, enc)| enc.to_ascii_lowercase().starts_with("opus/48000"))
     });
     if !has_opus {
-        return Err(Error::BadOffer("the offer's audio does not include Opus/48000".into()));
+        return Err(Error::BadOffer(
+            "the offer's audio does not include Opus/48000".into(),
+        ));
     }
     Ok(())
 }
@@ -629,20 +679,39 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 2, now);
-        run(&mut f, &mut clients, &mut now, Duration::from_secs(2), |_, _, _| {});
-        assert!(clients.iter().all(|c| c.connected), "ICE/DTLS did not complete");
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_secs(2),
+            |_, _, _| {},
+        );
+        assert!(
+            clients.iter().all(|c| c.connected),
+            "ICE/DTLS did not complete"
+        );
         let mut seq = 0;
-        run(&mut f, &mut clients, &mut now, Duration::from_secs(1), |f, now, tick| {
-            if tick % 20 == 0 {
-                f.handle_frame(&demo(), &frame(seq), now);
-                seq += 1;
-            }
-        });
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_secs(1),
+            |f, now, tick| {
+                if tick % 20 == 0 {
+                    f.handle_frame(&demo(), &frame(seq), now);
+                    seq += 1;
+                }
+            },
+        );
         for c in &clients {
             assert_eq!(c.received.len() as u64, seq, "every frame arrives");
             for (i, (ts, data)) in c.received.iter().enumerate() {
                 assert_eq!(data, &frame(i as u64).payload[..], "payload passed through");
-                assert_eq!(ts - c.received[0].0, i as u64 * 960, "timestamps follow media time");
+                assert_eq!(
+                    ts - c.received[0].0,
+                    i as u64 * 960,
+                    "timestamps follow media time"
+                );
             }
         }
         assert_eq!(f.stats().frames_out, 2 * seq);
@@ -653,13 +722,25 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 1, now);
-        run(&mut f, &mut clients, &mut now, Duration::from_secs(2), |_, _, _| {});
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_secs(2),
+            |_, _, _| {},
+        );
         let other: BroadcastId = "other".parse().unwrap();
-        run(&mut f, &mut clients, &mut now, Duration::from_millis(200), |f, now, tick| {
-            if tick % 20 == 0 {
-                f.handle_frame(&other, &frame(tick / 20), now);
-            }
-        });
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_millis(200),
+            |f, now, tick| {
+                if tick % 20 == 0 {
+                    f.handle_frame(&other, &frame(tick / 20), now);
+                }
+            },
+        );
         assert!(clients[0].received.is_empty());
     }
 
@@ -692,7 +773,10 @@ mod tests {
         let mut f = fanout();
         let _ = connect(&mut f, 3, now);
         let (_, offer, _) = Client::new("10.0.9.9:1".parse().unwrap(), now);
-        assert!(matches!(f.add_listener(demo(), &offer, now), Err(Error::Full)));
+        assert!(matches!(
+            f.add_listener(demo(), &offer, now),
+            Err(Error::Full)
+        ));
     }
 
     #[test]
@@ -700,20 +784,32 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 1, now);
-        run(&mut f, &mut clients, &mut now, Duration::from_secs(2), |_, _, _| {});
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_secs(2),
+            |_, _, _| {},
+        );
         let attacker: SocketAddr = "10.9.9.9:666".parse().unwrap();
         let victim = clients[0].addr;
         let mut seq = 0;
-        run(&mut f, &mut clients, &mut now, Duration::from_millis(500), |f, now, tick| {
-            // Junk from a stranger, and junk spoofed from the listener's own address.
-            f.handle_receive(attacker, &[0u8; 40], now);
-            f.handle_receive(victim, &[0x80, 0x60, 1, 2, 3], now);
-            f.handle_receive(victim, &[0x16, 0xfe, 0xfd, 0, 0, 0, 0], now);
-            if tick % 20 == 0 {
-                f.handle_frame(&demo(), &frame(seq), now);
-                seq += 1;
-            }
-        });
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_millis(500),
+            |f, now, tick| {
+                // Junk from a stranger, and junk spoofed from the listener's own address.
+                f.handle_receive(attacker, &[0u8; 40], now);
+                f.handle_receive(victim, &[0x80, 0x60, 1, 2, 3], now);
+                f.handle_receive(victim, &[0x16, 0xfe, 0xfd, 0, 0, 0, 0], now);
+                if tick % 20 == 0 {
+                    f.handle_frame(&demo(), &frame(seq), now);
+                    seq += 1;
+                }
+            },
+        );
         assert_eq!(clients[0].received.len() as u64, seq);
         assert!(f.stats().unmatched_in > 0);
     }
@@ -723,18 +819,30 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, ids) = connect(&mut f, 2, now);
-        run(&mut f, &mut clients, &mut now, Duration::from_secs(2), |_, _, _| {});
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_secs(2),
+            |_, _, _| {},
+        );
         assert!(f.remove_listener(ids[0]));
         assert!(!f.remove_listener(ids[0]));
         // A listener whose offer was accepted but who never sends a packet.
         let (_, offer, _) = Client::new("10.0.8.8:1".parse().unwrap(), now);
         let (ghost, _) = f.add_listener(demo(), &offer, now).unwrap();
         let mut left = Vec::new();
-        run(&mut f, &mut clients[1..], &mut now, CONNECT_TIMEOUT + Duration::from_secs(1), |f, _, _| {
-            while let Some(e) = f.poll_event() {
-                left.push(e);
-            }
-        });
+        run(
+            &mut f,
+            &mut clients[1..],
+            &mut now,
+            CONNECT_TIMEOUT + Duration::from_secs(1),
+            |f, _, _| {
+                while let Some(e) = f.poll_event() {
+                    left.push(e);
+                }
+            },
+        );
         assert!(left.contains(&FanoutEvent::Left {
             id: ids[0],
             broadcast: demo(),
