@@ -1,0 +1,339 @@
+//! The HTTP server: listener page, WHEP, HLS files, `/health` and `/metrics`.
+//!
+//! Routing and validation happen here; media decisions do not. Every error answer carries a
+//! plain-text reason, and no request can affect another listener.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tern_origin_link::BroadcastId;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info};
+
+use crate::node::Relay;
+use crate::Error;
+
+/// The listener page, built into the binary so the demo needs no files beside it.
+const INDEX_HTML: &str = include_str!("../../web/index.html");
+
+/// Where hls.js sits inside `http.web_dir` (installed from npm by `scripts/setup`).
+const HLS_JS: &str = "node_modules/hls.js/dist/hls.min.js";
+
+type Body = Full<Bytes>;
+
+/// What the server serves.
+pub struct HttpState {
+    /// The WebRTC relay, if this process runs one.
+    pub relay: Option<Relay>,
+    /// Folder holding one sub-folder of HLS output per broadcast, if this process packages.
+    pub hls_root: Option<PathBuf>,
+    /// Assets folder (hls.js).
+    pub web_dir: PathBuf,
+    /// WHEP body limit.
+    pub max_body_bytes: usize,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Process start, for `/health`.
+    pub started: Instant,
+    /// Broadcasts this process packages (for `/health`).
+    pub packaging: Vec<String>,
+}
+
+/// Serves HTTP on an already-bound listener until `shutdown` flips to true, then lets open
+/// requests finish (for at most 5 s).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => { debug!("accept: {e}"); continue; }
+                };
+                let state = state.clone();
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(req, &state, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%peer, "HTTP connection: {e}");
+                    }
+                });
+            }
+            () = crate::stopped(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        info!("HTTP connections still open after 5 s; closing them");
+    }
+}
+
+async fn route(req: Request<Incoming>, st: &HttpState, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let resp = match (method.clone(), parts.as_slice()) {
+        (Method::GET, [""]) => with_type(
+            Response::new(Body::from(INDEX_HTML)),
+            "text/html; charset=utf-8",
+        ),
+        (Method::GET, ["vendor", "hls.min.js"]) => {
+            serve_file(&st.web_dir.join(HLS_JS), "text/javascript", "max-age=3600").await
+        }
+        (Method::GET, ["health"]) => health(st).await,
+        (Method::GET, ["metrics"]) => with_type(
+            Response::new(Body::from(st.metrics.render())),
+            "text/plain; version=0.0.4",
+        ),
+        (Method::POST, ["whep", b]) => whep_post(req, st, b).await,
+        (Method::DELETE, ["whep", b, session]) => whep_delete(st, b, session).await,
+        (Method::OPTIONS, ["whep", ..]) => {
+            let mut r = empty(StatusCode::NO_CONTENT);
+            let h = r.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("POST, DELETE, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("content-type, authorization"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("location"),
+            );
+            r
+        }
+        (Method::GET, ["hls", b, rest @ ..]) => hls(st, b, rest).await,
+        (_, [""] | ["health"] | ["metrics"] | ["hls", ..] | ["vendor", ..] | ["whep", ..]) => {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            );
+            let allow = if parts.first() == Some(&"whep") {
+                "POST, DELETE, OPTIONS"
+            } else {
+                "GET"
+            };
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, format!("nothing at {path}")),
+    };
+    let mut resp = resp;
+    // Any page may listen: WHEP and HLS are meant to be embedded elsewhere.
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    debug!(%peer, %method, %path, status = resp.status().as_u16(), "http");
+    resp
+}
+
+async fn whep_post(req: Request<Incoming>, st: &HttpState, b: &str) -> Response<Body> {
+    let Some(relay) = &st.relay else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "this node does not serve WebRTC listeners",
+        );
+    };
+    let broadcast: BroadcastId = match b.parse() {
+        Ok(b) => b,
+        Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
+    };
+    let ctype = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype.to_ascii_lowercase().starts_with("application/sdp") {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type must be application/sdp, not {ctype:?}"),
+        );
+    }
+    let body = match Limited::new(req.into_body(), st.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("offer larger than {} bytes", st.max_body_bytes),
+            )
+        }
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("reading body: {e}")),
+    };
+    let Ok(offer) = String::from_utf8(body.to_vec()) else {
+        return text(StatusCode::BAD_REQUEST, "the offer is not UTF-8 text");
+    };
+    match relay.add_listener(broadcast.clone(), offer).await {
+        Ok((session, answer)) => {
+            let mut r = Response::new(Body::from(answer));
+            *r.status_mut() = StatusCode::CREATED;
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/sdp"),
+            );
+            // Both parts are [A-Za-z0-9_-] / hex, always valid header text.
+            if let Ok(loc) = HeaderValue::from_str(&format!("/whep/{broadcast}/{session}")) {
+                h.insert(header::LOCATION, loc);
+            }
+            h.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("location"),
+            );
+            r
+        }
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn whep_delete(st: &HttpState, b: &str, session: &str) -> Response<Body> {
+    let (Some(relay), Ok(broadcast)) = (&st.relay, b.parse::<BroadcastId>()) else {
+        return text(StatusCode::NOT_FOUND, "no such session");
+    };
+    if relay.remove_listener(broadcast, session.to_owned()).await {
+        empty(StatusCode::OK)
+    } else {
+        text(StatusCode::NOT_FOUND, "no such session")
+    }
+}
+
+fn error_response(e: &Error) -> Response<Body> {
+    let status = match e {
+        Error::BadOffer(_) => StatusCode::BAD_REQUEST,
+        Error::UnknownBroadcast(_) => StatusCode::NOT_FOUND,
+        Error::Full | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Upstream(_) => StatusCode::BAD_GATEWAY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let mut r = text(status, e.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    r
+}
+
+async fn health(st: &HttpState) -> Response<Body> {
+    let (listeners, upstream) = match &st.relay {
+        Some(relay) => {
+            let snap = relay.snapshot();
+            (
+                json!({ "total": snap.total, "per_broadcast": snap.per_broadcast, "capacity": snap.capacity }),
+                json!(relay.upstream_states().await),
+            )
+        }
+        None => (json!(null), json!(null)),
+    };
+    let body = json!({
+        "status": "ok",
+        "uptime_seconds": st.started.elapsed().as_secs(),
+        "listeners": listeners,
+        "upstream": upstream,
+        "packaging": st.packaging,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    with_type(
+        Response::new(Body::from(body.to_string())),
+        "application/json",
+    )
+}
+
+async fn hls(st: &HttpState, b: &str, rest: &[&str]) -> Response<Body> {
+    let Some(root) = &st.hls_root else {
+        return text(StatusCode::NOT_FOUND, "this node does not package HLS");
+    };
+    let Ok(broadcast) = b.parse::<BroadcastId>() else {
+        return text(StatusCode::NOT_FOUND, "no such broadcast");
+    };
+    // Only plain names: no empty parts, no dot files, no "..", so no way out of the root.
+    let safe = !rest.is_empty()
+        && rest.len() <= 2
+        && rest.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        });
+    if !safe {
+        return text(StatusCode::NOT_FOUND, "no such file");
+    }
+    let mut path = root.join(broadcast.as_str());
+    for p in rest {
+        path.push(p);
+    }
+    // The last part was checked non-empty above.
+    let name = rest[rest.len() - 1];
+    let (ctype, cache) = if name.ends_with(".m3u8") {
+        // Live playlists change every segment: cache for under half a target duration.
+        ("application/vnd.apple.mpegurl", "max-age=1")
+    } else if name.ends_with(".m4s") {
+        ("audio/mp4", "max-age=31536000, immutable")
+    } else if name.ends_with(".mp4") {
+        ("audio/mp4", "max-age=60")
+    } else {
+        return text(StatusCode::NOT_FOUND, "no such file");
+    };
+    serve_file(&path, ctype, cache).await
+}
+
+async fn serve_file(path: &Path, ctype: &'static str, cache: &'static str) -> Response<Body> {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => {
+            let mut r = with_type(Response::new(Body::from(bytes)), ctype);
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+            r
+        }
+        Err(_) => text(StatusCode::NOT_FOUND, "no such file"),
+    }
+}
+
+fn with_type(mut r: Response<Body>, ctype: &'static str) -> Response<Body> {
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    let mut msg = msg.into();
+    msg.push('\n');
+    let mut r = with_type(Response::new(Body::from(msg)), "text/plain; charset=utf-8");
+    *r.status_mut() = status;
+    r
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Body::default());
+    *r.status_mut() = status;
+    r
+}

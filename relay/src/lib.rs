@@ -1,0 +1,52 @@
+//! Tern's relay: WebRTC (WHEP) fan-out of broadcasts pulled once from an origin, and the
+//! pieces the `tern` appliance binary assembles.
+//!
+//! - [`fanout`]: the sans-IO fan-out core (str0m, ICE-lite, one UDP socket for all listeners).
+//! - [`node`]: its async shell (socket task, upstream subscriptions).
+//! - [`http`]: listener page, WHEP, HLS files, health, metrics.
+//! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
+//! - [`config`]: layered configuration.
+
+pub mod config;
+pub mod fanout;
+pub mod http;
+pub mod node;
+pub mod packaging;
+
+use tern_origin_link::BroadcastId;
+
+/// The one error type of this crate's library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The WHEP offer is malformed or asks for something this relay cannot serve.
+    #[error("{0}")]
+    BadOffer(String),
+    /// The relay serves its configured maximum of listeners.
+    #[error("this relay is full")]
+    Full,
+    /// The upstream has no such broadcast.
+    #[error("no broadcast named {0}")]
+    UnknownBroadcast(BroadcastId),
+    /// The upstream could not be reached or refused.
+    #[error("upstream unavailable: {0}")]
+    Upstream(String),
+    /// The relay is stopping.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+    /// The configuration is invalid; the message says which key and why.
+    #[error("{0}")]
+    Config(Box<figment::Error>),
+    /// Socket setup failed.
+    #[error("{0}")]
+    Io(String),
+    /// The WebRTC stack failed outside of any one listener's input.
+    #[error("WebRTC: {0}")]
+    WebRtc(String),
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone). Returns `()` so no borrow of
+/// the channel is held across an await.
+pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

@@ -1,0 +1,7 @@
+//! The `tern` binary. Everything it does starts in [`app::main`].
+
+mod app;
+
+fn main() -> std::process::ExitCode {
+    app::main()
+}

@@ -1,0 +1,394 @@
+//! The relay's async shell: one task owns the UDP socket and the [`Fanout`] core; upstream
+//! subscriptions run as their own tasks and hand frames to it through a bounded channel.
+//!
+//! Nothing here decides anything about WebRTC: the core does. This file moves datagrams,
+//! frames and commands, and publishes a health snapshot after every change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tern_origin_link::{BroadcastId, Frame, Upstream};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::fanout::{Fanout, FanoutConfig, FanoutEvent, ListenerId};
+use crate::Error;
+
+/// Commands and frames waiting for the fan-out task. Bounded so a stalled task makes
+/// upstream readers wait (and QUIC flow control push back) instead of growing memory.
+const QUEUE: usize = 1024;
+
+enum Command {
+    Add {
+        broadcast: BroadcastId,
+        offer: String,
+        reply: oneshot::Sender<Result<(String, String), Error>>,
+    },
+    Remove {
+        broadcast: BroadcastId,
+        session: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Frame {
+        broadcast: BroadcastId,
+        frame: Frame,
+    },
+}
+
+/// What `/health` reports about the relay.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RelaySnapshot {
+    /// Listeners now.
+    pub total: usize,
+    /// Listeners per broadcast.
+    pub per_broadcast: BTreeMap<String, usize>,
+    /// The configured maximum.
+    pub capacity: usize,
+    /// The UDP address announced to listeners.
+    pub webrtc_addr: Option<SocketAddr>,
+}
+
+/// Upstream state of one subscribed broadcast, for `/health`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamState {
+    /// Frames are flowing.
+    Live,
+    /// Lost; retrying.
+    Reconnecting,
+}
+
+/// A cheap, cloneable handle on a running relay.
+#[derive(Clone)]
+pub struct Relay {
+    tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<RelaySnapshot>,
+    upstream: Arc<Upstream>,
+    subscriptions: Arc<Mutex<HashMap<BroadcastId, watch::Receiver<UpstreamState>>>>,
+}
+
+impl Relay {
+    /// Binds the WebRTC socket and starts the fan-out task, which runs until `shutdown`
+    /// flips to true (then it closes every session) or every handle is dropped.
+    pub async fn start(
+        listen: SocketAddr,
+        announce: Option<SocketAddr>,
+        max_listeners: usize,
+        upstream: Upstream,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), Error> {
+        let socket = UdpSocket::bind(listen)
+            .await
+            .map_err(|e| Error::Io(format!("binding WebRTC socket {listen}: {e}")))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| Error::Io(format!("WebRTC socket: {e}")))?;
+        let announce = match announce {
+            Some(a) => a,
+            None if local.ip().is_unspecified() => {
+                return Err(Error::Io(format!(
+                "relay.webrtc_listen is {local}: set relay.announce to the address listeners reach"
+            )))
+            }
+            None => local,
+        };
+        let mut fanout = Fanout::new(FanoutConfig {
+            announce,
+            local,
+            max_listeners,
+        })?;
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let (snap_tx, snapshot) = watch::channel(RelaySnapshot {
+            capacity: max_listeners,
+            webrtc_addr: Some(announce),
+            ..Default::default()
+        });
+        info!(%announce, "WebRTC fan-out listening");
+
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut sessions: HashMap<String, ListenerId> = HashMap::new();
+            let mut last_stats = fanout.stats();
+            loop {
+                let deadline = fanout.poll_timeout();
+                let sleep = async {
+                    match deadline {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = socket.recv_from(&mut buf) => match r {
+                        Ok((n, src)) => { fanout.handle_receive(src, &buf[..n], Instant::now()); }
+                        // ICMP errors surface here on some systems; they concern one peer only.
+                        Err(e) => debug!("WebRTC socket receive: {e}"),
+                    },
+                    cmd = rx.recv() => match cmd {
+                        Some(cmd) => handle_command(&mut fanout, &mut sessions, cmd),
+                        None => break,
+                    },
+                    () = sleep => fanout.handle_timeout(Instant::now()),
+                    () = crate::stopped(&mut shutdown) => break,
+                }
+                flush(&socket, &mut fanout).await;
+                handle_events(&mut fanout, &mut sessions);
+                last_stats = record_stats(&fanout, last_stats);
+                let snap = snapshot_of(&fanout, max_listeners, announce);
+                snap_tx.send_if_modified(|s| {
+                    if *s != snap {
+                        *s = snap;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            // Say goodbye to every listener so browsers notice at once.
+            let ids: Vec<ListenerId> = sessions.values().copied().collect();
+            for id in ids {
+                fanout.remove_listener(id);
+            }
+            flush(&socket, &mut fanout).await;
+            info!("WebRTC fan-out stopped");
+        });
+
+        Ok((
+            Self {
+                tx,
+                snapshot,
+                upstream: Arc::new(upstream),
+                subscriptions: Default::default(),
+            },
+            task,
+        ))
+    }
+
+    /// Adds a WHEP listener: makes sure the broadcast is pulled from upstream, then answers
+    /// the offer. Returns (session token, SDP answer).
+    pub async fn add_listener(
+        &self,
+        broadcast: BroadcastId,
+        offer: String,
+    ) -> Result<(String, String), Error> {
+        self.ensure_subscribed(&broadcast).await?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Add {
+                broadcast,
+                offer,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Ends a WHEP session. False if there was no such session for that broadcast.
+    pub async fn remove_listener(&self, broadcast: BroadcastId, session: String) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Command::Remove {
+                broadcast,
+                session,
+                reply,
+            })
+            .await;
+        sent.is_ok() && rx.await.unwrap_or(false)
+    }
+
+    /// The latest health snapshot.
+    pub fn snapshot(&self) -> RelaySnapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Upstream state per subscribed broadcast.
+    pub async fn upstream_states(&self) -> BTreeMap<String, UpstreamState> {
+        self.subscriptions
+            .lock()
+            .await
+            .iter()
+            .map(|(b, s)| (b.to_string(), s.borrow().clone()))
+            .collect()
+    }
+
+    /// Subscribes to `broadcast` upstream unless already subscribed. The first subscription
+    /// is awaited so an unknown broadcast is reported to the WHEP client as such; after that a
+    /// pump task keeps it alive, resubscribing with backoff if the link breaks.
+    async fn ensure_subscribed(&self, broadcast: &BroadcastId) -> Result<(), Error> {
+        // Held across the subscribe so concurrent first listeners make one subscription.
+        let mut subs = self.subscriptions.lock().await;
+        if subs.contains_key(broadcast) {
+            return Ok(());
+        }
+        let sub = self
+            .upstream
+            .subscribe(broadcast)
+            .await
+            .map_err(|e| match e {
+                tern_origin_link::Error::NotFound(b) => Error::UnknownBroadcast(b),
+                other => Error::Upstream(other.to_string()),
+            })?;
+        let (state_tx, state_rx) = watch::channel(UpstreamState::Live);
+        subs.insert(broadcast.clone(), state_rx);
+        tokio::spawn(pump(
+            self.upstream.clone(),
+            broadcast.clone(),
+            sub,
+            self.tx.clone(),
+            state_tx,
+        ));
+        Ok(())
+    }
+}
+
+/// Moves frames from an upstream subscription into the fan-out task, resubscribing with
+/// exponential backoff when the subscription ends. Ends when the fan-out task is gone.
+async fn pump(
+    upstream: Arc<Upstream>,
+    broadcast: BroadcastId,
+    mut sub: tern_origin_link::Subscription,
+    tx: mpsc::Sender<Command>,
+    state: watch::Sender<UpstreamState>,
+) {
+    loop {
+        loop {
+            match sub.next_frame().await {
+                Ok(Some(frame)) => {
+                    metrics::counter!("tern_relay_frames_in_total").increment(1);
+                    let cmd = Command::Frame {
+                        broadcast: broadcast.clone(),
+                        frame,
+                    };
+                    if tx.send(cmd).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    info!(%broadcast, "upstream ended the broadcast");
+                    break;
+                }
+                Err(e) => {
+                    warn!(%broadcast, "upstream subscription lost: {e}");
+                    break;
+                }
+            }
+        }
+        state.send_replace(UpstreamState::Reconnecting);
+        let mut delay = Duration::from_millis(100);
+        sub = loop {
+            if tx.is_closed() {
+                return;
+            }
+            // Jitter spreads the reconnects of many relays after an origin restart.
+            let jitter = rand::random_range(0..=delay.as_millis() as u64 / 2);
+            tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+            match upstream.subscribe(&broadcast).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    debug!(%broadcast, "resubscribe failed: {e}");
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        info!(%broadcast, "upstream subscription restored");
+        state.send_replace(UpstreamState::Live);
+    }
+}
+
+fn handle_command(fanout: &mut Fanout, sessions: &mut HashMap<String, ListenerId>, cmd: Command) {
+    let now = Instant::now();
+    match cmd {
+        Command::Add {
+            broadcast,
+            offer,
+            reply,
+        } => {
+            let result = fanout
+                .add_listener(broadcast, &offer, now)
+                .map(|(id, answer)| {
+                    let token = session_token();
+                    sessions.insert(token.clone(), id);
+                    (token, answer)
+                });
+            match &result {
+                Ok(_) => metrics::counter!("tern_relay_sessions_created_total").increment(1),
+                Err(_) => metrics::counter!("tern_relay_sessions_failed_total").increment(1),
+            }
+            // The WHEP request may have been abandoned; the listener then times out.
+            let _ = reply.send(result);
+        }
+        Command::Remove {
+            broadcast,
+            session,
+            reply,
+        } => {
+            let found = sessions
+                .get(&session)
+                .copied()
+                .filter(|id| fanout.broadcast_of(*id) == Some(&broadcast));
+            let removed = found.is_some_and(|id| fanout.remove_listener(id));
+            let _ = reply.send(removed);
+        }
+        Command::Frame { broadcast, frame } => fanout.handle_frame(&broadcast, &frame, now),
+    }
+}
+
+fn handle_events(fanout: &mut Fanout, sessions: &mut HashMap<String, ListenerId>) {
+    while let Some(e) = fanout.poll_event() {
+        match e {
+            FanoutEvent::Connected(id) => info!(listener = id.0, "listener connected"),
+            FanoutEvent::Left {
+                id,
+                broadcast,
+                reason,
+            } => {
+                info!(listener = id.0, %broadcast, ?reason, "listener left");
+                sessions.retain(|_, v| *v != id);
+            }
+        }
+    }
+}
+
+async fn flush(socket: &UdpSocket, fanout: &mut Fanout) {
+    while let Some(t) = fanout.poll_transmit() {
+        if let Err(e) = socket.send_to(&t.contents, t.destination).await {
+            // One unreachable listener must not stop the others' packets.
+            debug!(to = %t.destination, "send failed: {e}");
+            metrics::counter!("tern_relay_send_errors_total").increment(1);
+        }
+    }
+}
+
+fn record_stats(fanout: &Fanout, last: crate::fanout::FanoutStats) -> crate::fanout::FanoutStats {
+    let s = fanout.stats();
+    metrics::counter!("tern_relay_frames_out_total").increment(s.frames_out - last.frames_out);
+    metrics::counter!("tern_relay_packets_out_total")
+        .increment(s.datagrams_out - last.datagrams_out);
+    metrics::counter!("tern_relay_bytes_out_total").increment(s.bytes_out - last.bytes_out);
+    metrics::counter!("tern_relay_unmatched_datagrams_total")
+        .increment(s.unmatched_in - last.unmatched_in);
+    metrics::gauge!("tern_relay_listeners").set(fanout.listener_count() as f64);
+    s
+}
+
+fn snapshot_of(fanout: &Fanout, capacity: usize, announce: SocketAddr) -> RelaySnapshot {
+    RelaySnapshot {
+        total: fanout.listener_count(),
+        per_broadcast: fanout
+            .listeners_per_broadcast()
+            .map(|(b, n)| (b.to_string(), n))
+            .collect(),
+        capacity,
+        webrtc_addr: Some(announce),
+    }
+}
+
+/// An unguessable session id: knowing one session's URL must not let anyone end another's.
+fn session_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
