@@ -1,0 +1,150 @@
+// End to end: the listener page plays the demo broadcast over WebRTC (WHEP) from `tern demo`.
+// Run with tests/browser/run.sh (loopback-only network namespace) or `node --test tests/browser/`.
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { health, launchBrowser, listenerCount, sleep, startTern, waitFor } from "./harness.mjs";
+
+const BROADCAST = "demo";
+let tern;
+let browser;
+let page;
+
+const stats = () => page.evaluate(() => window.tern.stats());
+
+/** Diagnostics appended to assertion messages. */
+const context = () =>
+  `\n--- page console ---\n${browser ? browser.console() : ""}\n--- tern log ---\n${tern ? tern.log() : ""}`;
+
+before(async () => {
+  tern = await startTern();
+  browser = await launchBrowser();
+  page = browser.page;
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  if (tern) await tern.stop();
+});
+
+test("page connects over WebRTC and receives Opus audio", { timeout: 60_000 }, async (t) => {
+  await page.goto(`${tern.base}/`);
+  await page.getByRole("button", { name: "Listen (WebRTC)", exact: true }).click();
+
+  try {
+    await page.waitForFunction(
+      () => ["connected", "failed"].includes(document.getElementById("status").dataset.state),
+      null,
+      { timeout: 20_000 },
+    );
+  } catch (err) {
+    assert.fail(`no connection within 20 s: ${await page.textContent("#status")}${context()}`);
+  }
+  const state = await page.getAttribute("#status", "data-state");
+  assert.equal(state, "connected", `status: ${await page.textContent("#status")}${context()}`);
+
+  // First packet, then sample for 3 s.
+  await waitFor(async () => (await stats()).packetsReceived > 0, {
+    timeoutMs: 10_000,
+    what: "the first RTP packet",
+  });
+  const first = await stats();
+  const samples = [first];
+  const t0 = Date.now();
+  while (Date.now() - t0 < 3_000) {
+    await sleep(250);
+    samples.push(await stats());
+  }
+  const last = samples.at(-1);
+  const received = last.packetsReceived - first.packetsReceived;
+  const maxLevel = Math.max(...samples.map((s) => s.audioLevel));
+  const summary = JSON.stringify({ first, last, maxLevel });
+  t.diagnostic(`3 s of WebRTC: ${received} packets, ${summary}`);
+
+  assert.ok(received >= 100, `only ${received} packets in 3 s (expected >= 100 at 50 pkt/s): ${summary}`);
+  assert.equal(last.packetsLost, 0, `packets lost: ${summary}`);
+  // Digital silence still reads ~3e-5 (one LSB), so "> 0" alone would pass on silence:
+  // require something above -60 dBFS, which any test tone clears.
+  assert.ok(maxLevel > 0.001, `audio level stayed at silence (max ${maxLevel}): ${summary}`);
+  assert.equal(String(last.codec).toLowerCase(), "audio/opus", `codec: ${summary}`);
+});
+
+test("/health counts the connected listener", { timeout: 15_000 }, async () => {
+  let last;
+  try {
+    await waitFor(async () => {
+      last = await health(tern.base);
+      return (listenerCount(last, BROADCAST) ?? 0) >= 1;
+    }, { timeoutMs: 5_000, what: "listeners >= 1 in /health" });
+  } catch (err) {
+    assert.fail(`${err.message}; /health: ${JSON.stringify(last)}`);
+  }
+});
+
+test("bad WHEP requests are refused without disturbing the listener", { timeout: 30_000 }, async () => {
+  // Not SDP at all.
+  const bad = await fetch(`${tern.base}/whep/${BROADCAST}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/sdp" },
+    body: "hello",
+  });
+  const badReason = (await bad.text()).trim();
+  assert.equal(bad.status, 400, `non-SDP offer: HTTP ${bad.status} ${badReason}`);
+  assert.ok(badReason.length > 0, "400 must carry a reason in the body");
+
+  // A real browser offer, for a broadcast that does not exist.
+  const offer = await page.evaluate(async () => {
+    const pc = new RTCPeerConnection();
+    pc.addTransceiver("audio", { direction: "recvonly" });
+    await pc.setLocalDescription(await pc.createOffer());
+    const sdp = pc.localDescription.sdp;
+    pc.close();
+    return sdp;
+  });
+  const missing = await fetch(`${tern.base}/whep/nope`, {
+    method: "POST",
+    headers: { "Content-Type": "application/sdp" },
+    body: offer,
+  });
+  const missingBody = await missing.text();
+  assert.equal(missing.status, 404, `unknown broadcast: HTTP ${missing.status} ${missingBody}`);
+
+  // The connected listener keeps receiving.
+  const before = await stats();
+  await sleep(1_500);
+  const afterwards = await stats();
+  const delta = afterwards.packetsReceived - before.packetsReceived;
+  assert.ok(delta >= 40, `listener stalled after bad requests: ${delta} packets in 1.5 s${context()}`);
+  assert.equal(await page.getAttribute("#status", "data-state"), "connected");
+});
+
+test("Stop ends the WHEP session", { timeout: 20_000 }, async () => {
+  const session = await page.evaluate(() => window.tern.session);
+  assert.ok(session && new URL(session).pathname.startsWith(`/whep/${BROADCAST}/`),
+    `Location of the session: ${session}`);
+  await page.getByRole("button", { name: "Stop", exact: true }).click();
+  assert.equal(await page.evaluate(() => window.tern.pc.connectionState), "closed");
+
+  let last;
+  try {
+    await waitFor(async () => {
+      last = await health(tern.base);
+      return listenerCount(last, BROADCAST) === 0;
+    }, { timeoutMs: 5_000, what: "0 listeners in /health" });
+  } catch (err) {
+    assert.fail(`${err.message}; /health: ${JSON.stringify(last)}`);
+  }
+  // And the session URL is gone.
+  const again = await fetch(session, { method: "DELETE" });
+  await again.arrayBuffer();
+  assert.ok(again.status >= 400 && again.status < 500, `DELETE of an ended session: HTTP ${again.status}`);
+});
+
+test("tern exits 0 on SIGINT", { timeout: 15_000 }, async () => {
+  await browser.close();
+  browser = null;
+  const r = await tern.stop();
+  const log = tern.log();
+  tern = null;
+  assert.equal(r.timedOut, false, `tern did not exit within 5 s of SIGINT:\n${log}`);
+  assert.deepEqual({ code: r.code, signal: r.signal }, { code: 0, signal: null }, `exit status:\n${log}`);
+});
