@@ -2,134 +2,12 @@
 //! HLS read by the real ffprobe, playlists that advance, WHEP error answers, health, metrics,
 //! and a clean exit on SIGINT.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Demo {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Demo {
-    fn start() -> Self {
-        // Reserve a free port, release it, and hand it to tern.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["demo", "--http", &addr.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("tern starts");
-        let demo = Self { child, addr };
-        demo.wait_for("/health", Duration::from_secs(20));
-        demo
-    }
-
-    fn get(&self, path: &str) -> (u16, Vec<u8>) {
-        request(self.addr, "GET", path, None, &[])
-    }
-
-    fn wait_for(&self, path: &str, timeout: Duration) -> Vec<u8> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if TcpStream::connect(self.addr).is_ok() {
-                if let (200, body) = self.get(path) {
-                    return body;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{path} not served within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// SIGINT, then the process must exit 0 promptly.
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "tern exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "tern did not stop on SIGINT");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-/// A minimal HTTP/1.1 client: one request per connection, `Connection: close`.
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    content_type: Option<&str>,
-    body: &[u8],
-) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) before reading a large body; a failed write is fine then.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response");
-    let status: u16 = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    (status, body)
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size =
-            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line_end + 2..line_end + 2 + size]);
-        b = &b[line_end + 2 + size + 2..];
-    }
-}
-
-fn text(b: Vec<u8>) -> String {
-    String::from_utf8(b).unwrap()
-}
+use common::{request, text, Tern};
 
 /// (media sequence, [(duration, uri)]) of a media playlist.
 fn parse_media(pl: &str) -> (u64, Vec<(f64, String)>) {
@@ -200,7 +78,7 @@ fn probe(init: &[u8], seg: &[u8]) -> (String, String, u32, u64, f64) {
 
 #[test]
 fn demo_serves_advancing_hls_that_ffprobe_reads_as_the_aac_ladder() {
-    let demo = Demo::start();
+    let demo = Tern::start("demo", &[]);
     let master = text(demo.wait_for("/hls/demo/master.m3u8", Duration::from_secs(20)));
     for (name, bw) in [("64k", 64_000.0), ("128k", 128_000.0)] {
         let stream_inf = master
@@ -276,7 +154,7 @@ fn demo_serves_advancing_hls_that_ffprobe_reads_as_the_aac_ladder() {
 
 #[test]
 fn bad_whep_requests_get_clear_errors_and_the_node_keeps_serving() {
-    let demo = Demo::start();
+    let demo = Tern::start("demo", &[]);
     let a = demo.addr;
 
     let (s, body) = request(a, "POST", "/whep/demo", Some("application/sdp"), b"hello");
