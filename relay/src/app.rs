@@ -208,25 +208,90 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding HTTP {}", cfg.http.listen))?;
     let http_addr = listener.local_addr()?;
+    let admin_listener = match cfg.http.admin_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the admin listener {a}"))?,
+        ),
+        None => None,
+    };
     let state = Arc::new(http::HttpState {
-        relay,
+        relay: relay.clone(),
         hls_root,
         web_dir: cfg.http.web_dir.clone(),
         max_body_bytes: cfg.http.max_body_bytes,
         metrics,
         started,
         packaging: packaging_ids.clone(),
+        auth: listener_auth(&cfg.relay.auth)?,
+        limiter: std::sync::Mutex::new(tern_relay::limits::RateLimiter::new(
+            cfg.relay.sessions_per_minute,
+            cfg.relay.session_burst,
+        )),
+        admin_separate: admin_listener.is_some(),
     });
+    if let Some(admin) = admin_listener {
+        info!(addr = %admin.local_addr()?, "admin and metrics listening");
+        parts.tasks.push((
+            "admin http",
+            tokio::spawn(http::serve(
+                admin,
+                state.clone(),
+                http::Surface::Admin,
+                shutdown_rx.clone(),
+            )),
+        ));
+    }
     parts.tasks.push((
         "http",
-        tokio::spawn(http::serve(listener, state, shutdown_rx.clone())),
+        tokio::spawn(http::serve(
+            listener,
+            state,
+            http::Surface::Public,
+            shutdown_rx.clone(),
+        )),
     ));
 
     print_banner(&command, http_addr, &cfg, &packaging_ids);
-    wait_for_signal().await;
+    if wait_for_stop(relay.as_ref()).await == Stop::Drain {
+        if let Some(relay) = &relay {
+            drain(relay, Duration::from_secs(cfg.relay.drain_timeout_seconds)).await;
+        }
+    }
     info!("stopping");
     parts.stop().await;
     Ok(())
+}
+
+fn listener_auth(cfg: &config::AuthConfig) -> Result<tern_relay::auth::Auth> {
+    use tern_relay::auth::{Auth, Verifier};
+    Ok(match cfg.mode {
+        config::AuthMode::Open => Auth::Open,
+        config::AuthMode::Jwt => match (&cfg.hs256_secret, &cfg.public_key) {
+            (Some(secret), _) => Auth::Jwt(Box::new(Verifier::hs256(secret.as_bytes()))),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading relay.auth.public_key {}", path.display()))?;
+                Auth::Jwt(Box::new(Verifier::from_public_pem(&pem)?))
+            }
+            // config::load validated that one of the two is set.
+            (None, None) => bail!("relay.auth.mode = \"jwt\" needs a secret or a public key"),
+        },
+    })
+}
+
+/// Refuses new listeners, then waits until the last one leaves or `cap` passes. A second
+/// Ctrl-C or SIGTERM ends the wait at once.
+async fn drain(relay: &node::Relay, cap: Duration) {
+    relay.start_drain();
+    let left = relay.snapshot().total;
+    info!(listeners = left, "draining for at most {cap:?}");
+    tokio::select! {
+        () = relay.emptied() => info!("drained: no listener left"),
+        () = tokio::time::sleep(cap) => info!(listeners = relay.snapshot().total, "drain timeout reached"),
+        _ = wait_for_signal() => info!("second signal: stopping now"),
+    }
 }
 
 async fn start_origin(
@@ -323,6 +388,42 @@ fn print_banner(command: &Command, http: std::net::SocketAddr, cfg: &Config, pac
     println!("  health:        {base}/health");
     println!("  metrics:       {base}/metrics");
     println!("Press Ctrl-C to stop.");
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// Ctrl-C (SIGINT): stop now, closing sessions cleanly.
+    Now,
+    /// SIGTERM or an admin drain on a relay: let listeners leave first.
+    Drain,
+}
+
+async fn wait_for_stop(relay: Option<&node::Relay>) -> Stop {
+    let drain_requested = async {
+        match relay {
+            Some(r) => r.drain_requested().await,
+            None => std::future::pending().await,
+        }
+    };
+    #[cfg(unix)]
+    {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            return Stop::Now;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Stop::Now,
+            _ = term.recv() => if relay.is_some() { Stop::Drain } else { Stop::Now },
+            () = drain_requested => Stop::Drain,
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Stop::Now,
+        () = drain_requested => Stop::Drain,
+    }
 }
 
 async fn wait_for_signal() {

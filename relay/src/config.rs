@@ -43,6 +43,9 @@ pub struct HttpConfig {
     pub web_dir: PathBuf,
     /// Largest WHEP request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// A separate address for `/metrics` and `/admin/*`. When unset they are served on
+    /// `listen`, and `/admin/*` answers only clients on loopback.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
@@ -51,6 +54,7 @@ impl Default for HttpConfig {
             listen: ([127, 0, 0, 1], 8080).into(),
             web_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../web")),
             max_body_bytes: 64 * 1024,
+            admin_listen: None,
         }
     }
 }
@@ -122,6 +126,15 @@ pub struct RelayConfig {
     pub announce: Option<SocketAddr>,
     /// Listeners this node accepts at once; more get 503.
     pub max_listeners: usize,
+    /// New WHEP sessions allowed per client address (IPv6: per /64) per minute; more get 429.
+    pub sessions_per_minute: u32,
+    /// New sessions a client may open at once before the per-minute rate applies.
+    pub session_burst: u32,
+    /// On SIGTERM or `POST /admin/drain`, how long current listeners may stay before the
+    /// process exits anyway.
+    pub drain_timeout_seconds: u64,
+    /// Who may listen.
+    pub auth: AuthConfig,
 }
 
 impl Default for RelayConfig {
@@ -130,8 +143,35 @@ impl Default for RelayConfig {
             webrtc_listen: ([127, 0, 0, 1], 0).into(),
             announce: None,
             max_listeners: 1000,
+            sessions_per_minute: 60,
+            session_burst: 20,
+            drain_timeout_seconds: 60,
+            auth: AuthConfig::default(),
         }
     }
+}
+
+/// How listeners authenticate.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No token needed.
+    #[default]
+    Open,
+    /// A JWT bearer token naming the broadcast (claim `broadcast`, or `"*"`) is required.
+    Jwt,
+}
+
+/// `[relay.auth]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `open` or `jwt`.
+    pub mode: AuthMode,
+    /// HS256 shared secret (jwt mode; give this or `public_key`).
+    pub hs256_secret: Option<String>,
+    /// PEM public key for ES256 or EdDSA tokens (jwt mode).
+    pub public_key: Option<PathBuf>,
 }
 
 /// One rung of the AAC ladder.
@@ -269,6 +309,19 @@ fn validate(c: &Config) -> Result<(), String> {
                 r.name
             ));
         }
+    }
+    if c.relay.auth.mode == AuthMode::Jwt
+        && c.relay.auth.hs256_secret.is_none() == c.relay.auth.public_key.is_none()
+    {
+        return Err("relay.auth.mode = \"jwt\" needs exactly one of relay.auth.hs256_secret or relay.auth.public_key".into());
+    }
+    if c.relay
+        .auth
+        .hs256_secret
+        .as_ref()
+        .is_some_and(|s| s.len() < 16)
+    {
+        return Err("relay.auth.hs256_secret must be at least 16 characters".into());
     }
     if c.relay.max_listeners == 0 {
         return Err("relay.max_listeners must be at least 1".into());

@@ -19,17 +19,24 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use str0m::change::SdpOffer;
 use str0m::crypto::CryptoProvider;
 use str0m::media::{Frequency, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive, Transmit};
+use str0m::rtp::{AbsCaptureTime, Extension};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 use tern_origin_link::{BroadcastId, Frame};
 use tracing::debug;
 
 use crate::Error;
+
+/// How often each listener's send statistics (with its receiver reports) are summarised.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// RTP header extension id offered for abs-capture-time when the listener supports it.
+const ABS_CAPTURE_TIME_ID: u8 = 14;
 
 /// A listener that has not completed ICE + DTLS by then is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -52,10 +59,21 @@ pub enum LeaveReason {
 }
 
 /// What the core tells its shell.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum FanoutEvent {
     /// ICE and DTLS are up; media flows from now on.
     Connected(ListenerId),
+    /// A listener's receiver report, summarised (about every [`STATS_INTERVAL`]).
+    Report {
+        /// Who reported.
+        id: ListenerId,
+        /// Fraction of packets lost in the last interval, 0..=1.
+        loss: f32,
+        /// Interarrival jitter seen by the listener.
+        jitter: Duration,
+        /// Round-trip time, when known.
+        rtt: Option<Duration>,
+    },
     /// The listener is gone and its state freed.
     Left {
         /// Who left.
@@ -168,6 +186,9 @@ impl Fanout {
             .set_local_ice_credentials(creds.clone())
             .clear_codecs()
             .enable_opus(true, false)
+            // Listeners that offer it learn each frame's capture time at the origin.
+            .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
+            .set_stats_interval(Some(STATS_INTERVAL))
             .build(now);
         let candidate = Candidate::host(self.config.announce, "udp")
             .map_err(|e| Error::WebRtc(format!("host candidate: {e}")))?;
@@ -292,6 +313,10 @@ impl Fanout {
         // One allocation per frame, shared by every listener's packetizer.
         let payload: Arc<[u8]> = Arc::from(&frame.payload[..]);
         let rtp_time = MediaTime::new(frame.timestamp, Frequency::FORTY_EIGHT_KHZ);
+        let capture = AbsCaptureTime {
+            capture_time: UNIX_EPOCH + Duration::from_micros(frame.capture_time_us),
+            clock_offset: None,
+        };
         for id in ids {
             // Members and listeners are kept in step by `reap`.
             let Some(l) = self.listeners.get_mut(id) else {
@@ -304,7 +329,10 @@ impl Fanout {
             let Some(writer) = l.rtc.writer(mid) else {
                 continue;
             };
-            match writer.write(pt, now, rtp_time, payload.clone()) {
+            match writer
+                .abs_capture_time(capture)
+                .write(pt, now, rtp_time, payload.clone())
+            {
                 Ok(()) => self.stats.frames_out += 1,
                 Err(e) => debug!(listener = id.0, "write failed: {e}"),
             }
@@ -551,6 +579,7 @@ mod tests {
         rtc: Rtc,
         addr: SocketAddr,
         received: Vec<(u64, Vec<u8>)>,
+        capture_times: Vec<Option<std::time::SystemTime>>,
         connected: bool,
     }
 
@@ -558,6 +587,7 @@ mod tests {
         fn new(addr: SocketAddr, now: Instant) -> (Self, String, str0m::change::SdpPendingOffer) {
             let mut rtc = Rtc::builder()
                 .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
+                .set_extension(9, Extension::AbsoluteCaptureTime)
                 .build(now);
             rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
             let mut api = rtc.sdp_api();
@@ -568,6 +598,7 @@ mod tests {
                     rtc,
                     addr,
                     received: vec![],
+                    capture_times: vec![],
                     connected: false,
                 },
                 offer.to_sdp_string(),
@@ -582,7 +613,9 @@ mod tests {
                     Output::Transmit(t) => out.push(t),
                     Output::Event(Event::Connected) => self.connected = true,
                     Output::Event(Event::MediaData(d)) => {
-                        self.received.push((d.time.numer(), d.data.to_vec()))
+                        self.received.push((d.time.numer(), d.data.to_vec()));
+                        self.capture_times
+                            .push(d.ext_vals.abs_capture_time.map(|a| a.capture_time));
                     }
                     Output::Event(_) => {}
                 }
@@ -669,7 +702,7 @@ mod tests {
         Frame {
             seq,
             timestamp: seq * 960,
-            capture_time_us: 0,
+            capture_time_us: 1_700_000_000_000_000 + seq * 20_000,
             payload: Bytes::from(vec![0xf8, seq as u8, 0xaa, 0x55]),
         }
     }

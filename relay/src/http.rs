@@ -49,6 +49,21 @@ pub struct HttpState {
     pub started: Instant,
     /// Broadcasts this process packages (for `/health`).
     pub packaging: Vec<String>,
+    /// Who may listen.
+    pub auth: crate::auth::Auth,
+    /// New-session rate limit per client.
+    pub limiter: std::sync::Mutex<crate::limits::RateLimiter>,
+    /// True when `/metrics` and `/admin/*` have their own listener.
+    pub admin_separate: bool,
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// The public listener: page, WHEP, HLS, health (and metrics/admin unless separated).
+    Public,
+    /// The admin listener: health, metrics, admin.
+    Admin,
 }
 
 /// Serves HTTP on an already-bound listener until `shutdown` flips to true, then lets open
@@ -56,6 +71,7 @@ pub struct HttpState {
 pub async fn serve(
     listener: TcpListener,
     state: Arc<HttpState>,
+    surface: Surface,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -69,7 +85,7 @@ pub async fn serve(
                 let state = state.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(req, &state, peer).await) }
+                    async move { Ok::<_, Infallible>(route(req, &state, peer, surface).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc);
@@ -92,10 +108,29 @@ pub async fn serve(
     }
 }
 
-async fn route(req: Request<Incoming>, st: &HttpState, peer: SocketAddr) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    st: &HttpState,
+    peer: SocketAddr,
+    surface: Surface,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
+    // Admin operations: on the admin listener, or from loopback when there is none.
+    let admin_ok = match surface {
+        Surface::Admin => true,
+        Surface::Public => !st.admin_separate && peer.ip().is_loopback(),
+    };
+    let metrics_ok = surface == Surface::Admin || !st.admin_separate;
+    if surface == Surface::Admin
+        && !matches!(parts.first(), Some(&"health" | &"metrics" | &"admin"))
+    {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("nothing at {path} on the admin listener"),
+        );
+    }
     let resp = match (method.clone(), parts.as_slice()) {
         (Method::GET, [""]) => with_type(
             Response::new(Body::from(INDEX_HTML)),
@@ -105,18 +140,34 @@ async fn route(req: Request<Incoming>, st: &HttpState, peer: SocketAddr) -> Resp
             serve_file(&st.web_dir.join(HLS_JS), "text/javascript", "max-age=3600").await
         }
         (Method::GET, ["health"]) => health(st).await,
-        (Method::GET, ["metrics"]) => with_type(
+        (Method::GET, ["metrics"]) if metrics_ok => with_type(
             Response::new(Body::from(st.metrics.render())),
             "text/plain; version=0.0.4",
         ),
-        (Method::POST, ["whep", b]) => whep_post(req, st, b).await,
+        (Method::POST, ["admin", "drain"]) if admin_ok => match &st.relay {
+            Some(relay) => {
+                relay.start_drain();
+                text(StatusCode::ACCEPTED, "draining: new listeners are refused; the process exits when the last leaves or the drain timeout passes")
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "this node serves no listeners to drain",
+            ),
+        },
+        (_, ["admin", ..]) => text(StatusCode::NOT_FOUND, format!("nothing at {path}")),
+        (_, ["metrics"]) if !metrics_ok => text(
+            StatusCode::NOT_FOUND,
+            "metrics are served on the admin listener",
+        ),
+        (Method::POST, ["whep", b]) => whep_post(req, st, b, peer).await,
         (Method::DELETE, ["whep", b, session]) => whep_delete(st, b, session).await,
+        (Method::PATCH, ["whep", b, session]) => whep_patch(&req, st, b, session).await,
         (Method::OPTIONS, ["whep", ..]) => {
             let mut r = empty(StatusCode::NO_CONTENT);
             let h = r.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("POST, DELETE, OPTIONS"),
+                HeaderValue::from_static("POST, DELETE, PATCH, OPTIONS"),
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -135,7 +186,7 @@ async fn route(req: Request<Incoming>, st: &HttpState, peer: SocketAddr) -> Resp
                 format!("{method} is not allowed on {path}"),
             );
             let allow = if parts.first() == Some(&"whep") {
-                "POST, DELETE, OPTIONS"
+                "POST, DELETE, PATCH, OPTIONS"
             } else {
                 "GET"
             };
@@ -155,7 +206,12 @@ async fn route(req: Request<Incoming>, st: &HttpState, peer: SocketAddr) -> Resp
     resp
 }
 
-async fn whep_post(req: Request<Incoming>, st: &HttpState, b: &str) -> Response<Body> {
+async fn whep_post(
+    req: Request<Incoming>,
+    st: &HttpState,
+    b: &str,
+    peer: SocketAddr,
+) -> Response<Body> {
     let Some(relay) = &st.relay else {
         return text(
             StatusCode::NOT_FOUND,
@@ -166,6 +222,35 @@ async fn whep_post(req: Request<Incoming>, st: &HttpState, b: &str) -> Response<
         Ok(b) => b,
         Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
     };
+    // Rate limit first: it is the cheapest check and also bounds token guessing.
+    {
+        // A panic while holding this lock would be a bug in RateLimiter; its state stays
+        // usable, so recover the guard rather than fail every later request.
+        let mut limiter = st.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        if !limiter.allow(peer.ip(), Instant::now()) {
+            metrics::counter!("tern_relay_sessions_rate_limited_total").increment(1);
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many new sessions from this address",
+            );
+            let wait = limiter.retry_after(peer.ip()).max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&wait) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+    }
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(denied) = st.auth.check(authorization, &broadcast) {
+        metrics::counter!("tern_relay_sessions_unauthorized_total").increment(1);
+        let mut r = text(StatusCode::UNAUTHORIZED, denied.to_string());
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
     let ctype = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -227,11 +312,41 @@ async fn whep_delete(st: &HttpState, b: &str, session: &str) -> Response<Body> {
     }
 }
 
+/// Trickle ICE (RFC 9725 §4.3): an ICE-lite server learns every client address from the
+/// client's own connectivity checks, so candidates sent later need no action; they are
+/// accepted (204) for a live session so WHEP clients that trickle keep working.
+async fn whep_patch(
+    req: &Request<Incoming>,
+    st: &HttpState,
+    b: &str,
+    session: &str,
+) -> Response<Body> {
+    let ctype = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype.eq_ignore_ascii_case("application/trickle-ice-sdpfrag") {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "PATCH takes application/trickle-ice-sdpfrag",
+        );
+    }
+    let (Some(relay), Ok(broadcast)) = (&st.relay, b.parse::<BroadcastId>()) else {
+        return text(StatusCode::NOT_FOUND, "no such session");
+    };
+    if relay.has_session(broadcast, session.to_owned()).await {
+        empty(StatusCode::NO_CONTENT)
+    } else {
+        text(StatusCode::NOT_FOUND, "no such session")
+    }
+}
+
 fn error_response(e: &Error) -> Response<Body> {
     let status = match e {
         Error::BadOffer(_) => StatusCode::BAD_REQUEST,
         Error::UnknownBroadcast(_) => StatusCode::NOT_FOUND,
-        Error::Full | Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Full | Error::ShuttingDown | Error::Draining => StatusCode::SERVICE_UNAVAILABLE,
         Error::Upstream(_) => StatusCode::BAD_GATEWAY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -244,18 +359,20 @@ fn error_response(e: &Error) -> Response<Body> {
 }
 
 async fn health(st: &HttpState) -> Response<Body> {
-    let (listeners, upstream) = match &st.relay {
+    let (listeners, upstream, draining) = match &st.relay {
         Some(relay) => {
             let snap = relay.snapshot();
             (
                 json!({ "total": snap.total, "per_broadcast": snap.per_broadcast, "capacity": snap.capacity }),
                 json!(relay.upstream_states().await),
+                relay.is_draining(),
             )
         }
-        None => (json!(null), json!(null)),
+        None => (json!(null), json!(null), false),
     };
     let body = json!({
-        "status": "ok",
+        "status": if draining { "draining" } else { "ok" },
+        "draining": draining,
         "uptime_seconds": st.started.elapsed().as_secs(),
         "listeners": listeners,
         "upstream": upstream,

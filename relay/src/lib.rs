@@ -6,10 +6,13 @@
 //! - [`http`]: listener page, WHEP, HLS files, health, metrics.
 //! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
 //! - [`config`]: layered configuration.
+//! - [`auth`], [`limits`]: who may listen, and how often a client may start a session.
 
+pub mod auth;
 pub mod config;
 pub mod fanout;
 pub mod http;
+pub mod limits;
 pub mod node;
 pub mod packaging;
 
@@ -31,6 +34,9 @@ pub enum Error {
     /// The upstream could not be reached or refused.
     #[error("upstream unavailable: {0}")]
     Upstream(String),
+    /// The relay is draining: current listeners stay, new ones go elsewhere.
+    #[error("this relay is draining; try another")]
+    Draining,
     /// The relay is stopping.
     #[error("the relay is shutting down")]
     ShuttingDown,

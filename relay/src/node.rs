@@ -37,6 +37,11 @@ enum Command {
         broadcast: BroadcastId,
         frame: Frame,
     },
+    Exists {
+        broadcast: BroadcastId,
+        session: String,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// What `/health` reports about the relay.
@@ -69,6 +74,7 @@ pub struct Relay {
     snapshot: watch::Receiver<RelaySnapshot>,
     upstream: Arc<Upstream>,
     subscriptions: Arc<Mutex<HashMap<BroadcastId, watch::Receiver<UpstreamState>>>>,
+    draining: Arc<watch::Sender<bool>>,
 }
 
 impl Relay {
@@ -162,6 +168,7 @@ impl Relay {
                 snapshot,
                 upstream: Arc::new(upstream),
                 subscriptions: Default::default(),
+                draining: Arc::new(watch::channel(false).0),
             },
             task,
         ))
@@ -174,6 +181,9 @@ impl Relay {
         broadcast: BroadcastId,
         offer: String,
     ) -> Result<(String, String), Error> {
+        if self.is_draining() {
+            return Err(Error::Draining);
+        }
         self.ensure_subscribed(&broadcast).await?;
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -199,6 +209,44 @@ impl Relay {
             })
             .await;
         sent.is_ok() && rx.await.unwrap_or(false)
+    }
+
+    /// True if `session` is a live session of `broadcast`.
+    pub async fn has_session(&self, broadcast: BroadcastId, session: String) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Command::Exists {
+                broadcast,
+                session,
+                reply,
+            })
+            .await;
+        sent.is_ok() && rx.await.unwrap_or(false)
+    }
+
+    /// Starts draining: new sessions are refused from now on; current ones continue.
+    pub fn start_drain(&self) {
+        if !self.draining.send_replace(true) {
+            info!("draining: refusing new listeners");
+        }
+    }
+
+    /// Whether the relay is draining.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Resolves when draining starts (at once if it has).
+    pub async fn drain_requested(&self) {
+        let mut rx = self.draining.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Resolves when no listener is left.
+    pub async fn emptied(&self) {
+        let mut rx = self.snapshot.clone();
+        let _ = rx.wait_for(|s| s.total == 0).await;
     }
 
     /// The latest health snapshot.
@@ -260,6 +308,11 @@ async fn pump(
             match sub.next_frame().await {
                 Ok(Some(frame)) => {
                     metrics::counter!("tern_relay_frames_in_total").increment(1);
+                    // Capture at the origin to arrival here; clocks are NTP-synchronised.
+                    let age_us =
+                        tern_origin_link::unix_micros_now().saturating_sub(frame.capture_time_us);
+                    metrics::histogram!("tern_relay_upstream_latency_seconds")
+                        .record(age_us as f64 / 1e6);
                     let cmd = Command::Frame {
                         broadcast: broadcast.clone(),
                         frame,
@@ -335,6 +388,16 @@ fn handle_command(fanout: &mut Fanout, sessions: &mut HashMap<String, ListenerId
             let _ = reply.send(removed);
         }
         Command::Frame { broadcast, frame } => fanout.handle_frame(&broadcast, &frame, now),
+        Command::Exists {
+            broadcast,
+            session,
+            reply,
+        } => {
+            let found = sessions
+                .get(&session)
+                .is_some_and(|id| fanout.broadcast_of(*id) == Some(&broadcast));
+            let _ = reply.send(found);
+        }
     }
 }
 
@@ -342,6 +405,17 @@ fn handle_events(fanout: &mut Fanout, sessions: &mut HashMap<String, ListenerId>
     while let Some(e) = fanout.poll_event() {
         match e {
             FanoutEvent::Connected(id) => info!(listener = id.0, "listener connected"),
+            FanoutEvent::Report {
+                loss, jitter, rtt, ..
+            } => {
+                metrics::histogram!("tern_relay_listener_loss_ratio").record(f64::from(loss));
+                metrics::histogram!("tern_relay_listener_jitter_seconds")
+                    .record(jitter.as_secs_f64());
+                if let Some(rtt) = rtt {
+                    metrics::histogram!("tern_relay_listener_rtt_seconds")
+                        .record(rtt.as_secs_f64());
+                }
+            }
             FanoutEvent::Left {
                 id,
                 broadcast,

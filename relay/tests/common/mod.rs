@@ -144,3 +144,199 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         b = &b[line_end + 2 + size + 2..];
     }
 }
+
+/// A WebRTC listener (str0m, full ICE, real UDP) running on its own thread.
+pub struct Listener {
+    /// Frames received so far: (RTP time, payload size).
+    pub frames: std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>,
+    /// The WHEP session URL path.
+    pub location: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    /// POSTs an offer to `/whep/{broadcast}` (with a bearer token if given). On 201, listens
+    /// until dropped; otherwise returns the status and body.
+    pub fn start(
+        addr: SocketAddr,
+        broadcast: &str,
+        token: Option<&str>,
+    ) -> Result<Self, (u16, String)> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        use str0m::change::SdpAnswer;
+        use str0m::media::{Direction, MediaKind};
+        use str0m::net::{Protocol, Receive};
+        use str0m::{Candidate, Event, Input, Output, Rtc};
+
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = socket.local_addr().unwrap();
+        let mut rtc = Rtc::builder()
+            .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
+            .build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let (status, body, location) = request_full(
+            addr,
+            "POST",
+            &format!("/whep/{broadcast}"),
+            Some("application/sdp"),
+            offer.to_sdp_string().as_bytes(),
+            token,
+        );
+        if status != 201 {
+            return Err((status, text(body)));
+        }
+        let answer = SdpAnswer::from_sdp_string(&text(body)).unwrap();
+        rtc.sdp_api().accept_answer(pending, answer).unwrap();
+
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, st) = (frames.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 2000];
+            while !st.load(Ordering::Relaxed) {
+                let timeout = match rtc.poll_output() {
+                    Ok(Output::Timeout(t)) => t,
+                    Ok(Output::Transmit(t)) => {
+                        let _ = socket.send_to(&t.contents, t.destination);
+                        continue;
+                    }
+                    Ok(Output::Event(Event::MediaData(d))) => {
+                        f.lock().unwrap().push((d.time.numer(), d.data.len()));
+                        continue;
+                    }
+                    Ok(Output::Event(_)) => continue,
+                    Err(_) => return,
+                };
+                let wait = timeout
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(1), Duration::from_millis(50));
+                socket.set_read_timeout(Some(wait)).unwrap();
+                let input = match socket.recv_from(&mut buf) {
+                    Ok((n, source)) => match buf[..n].try_into() {
+                        Ok(contents) => Input::Receive(
+                            Instant::now(),
+                            Receive {
+                                proto: Protocol::Udp,
+                                source,
+                                destination: local,
+                                contents,
+                            },
+                        ),
+                        Err(_) => continue,
+                    },
+                    Err(_) => Input::Timeout(Instant::now()),
+                };
+                if rtc.handle_input(input).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            frames,
+            location: location.unwrap_or_default(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Frames received so far.
+    pub fn count(&self) -> usize {
+        self.frames.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` frames arrived, or panics after `timeout`.
+    pub fn wait_frames(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} frames within {timeout:?}",
+                self.count()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Like [`request`], with an optional bearer token, also returning the Location header.
+pub fn request_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    token: Option<&str>,
+) -> (u16, Vec<u8>, Option<String>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response");
+    let status: u16 = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("location: ")
+                .or_else(|| l.strip_prefix("Location: "))
+        })
+        .map(str::to_owned);
+    (status, raw[split + 4..].to_vec(), location)
+}
+
+impl Tern {
+    /// Waits for the process to exit on its own; panics after `timeout`.
+    pub fn wait_exit(mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tern still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends a signal by name (e.g. "TERM").
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
