@@ -3,6 +3,8 @@
 //! - [`wire`]: the message codec, pure and sans-IO (docs/origin-link.md describes it).
 //! - [`origin`]: the origin's QUIC server; broadcasts are published into a [`Registry`]
 //!   (by the built-in [`testsrc`] today, by RTP ingest later) and served to subscribers.
+//! - [`ingest`]: RTP ingest endpoints (UDP sockets) feeding the registry.
+//! - [`rtp`]: RTP/Opus ingest as an SFU sends it (pure depacketizer and reorder buffer).
 //! - [`subscriber`]: the relay side; one QUIC connection per upstream, one bidirectional
 //!   stream per subscribed broadcast.
 //! - [`tls`]: certificates and rustls configs (TLS 1.3 only, ALPN [`ALPN`]).
@@ -12,7 +14,9 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub mod ingest;
 pub mod origin;
+pub mod rtp;
 pub mod subscriber;
 #[cfg(feature = "testsrc")]
 pub mod testsrc;

@@ -132,13 +132,15 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
 
     // The upstream's address and the certificates to trust for it.
     let mut upstream_roots: Option<Vec<CertificateDer<'static>>> = None;
+    let mut ingest = None;
     if run_origin {
         let demo = matches!(command, Command::Demo);
         if demo {
             // The demo's origin is private to this process: any free port will do.
             cfg.origin.listen = ([127, 0, 0, 1], 0).into();
         }
-        let (addr, cert) = start_origin(&cfg, &mut parts, shutdown_rx.clone()).await?;
+        let (addr, cert, manager) = start_origin(&cfg, &mut parts, shutdown_rx.clone()).await?;
+        ingest = Some((manager, cfg.origin.ingest_api_bind));
         cfg.upstream.addr = addr;
         cfg.upstream.server_name = "localhost".into();
         upstream_roots = Some(vec![cert]);
@@ -230,6 +232,7 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
             cfg.relay.session_burst,
         )),
         admin_separate: admin_listener.is_some(),
+        ingest,
     });
     if let Some(admin) = admin_listener {
         info!(addr = %admin.local_addr()?, "admin and metrics listening");
@@ -298,7 +301,11 @@ async fn start_origin(
     cfg: &Config,
     parts: &mut Parts,
     shutdown: watch::Receiver<bool>,
-) -> Result<(std::net::SocketAddr, CertificateDer<'static>)> {
+) -> Result<(
+    std::net::SocketAddr,
+    CertificateDer<'static>,
+    Arc<tern_origin_link::ingest::IngestManager>,
+)> {
     let identity = match (&cfg.origin.cert, &cfg.origin.key) {
         (Some(c), Some(k)) => Identity::from_pem_files(c, k)?,
         (None, None) => Identity::self_signed(&["localhost", "127.0.0.1"])?,
@@ -331,7 +338,7 @@ async fn start_origin(
             }),
         ));
     }
-    let origin = Origin::bind(cfg.origin.listen, identity, registry)?;
+    let origin = Origin::bind(cfg.origin.listen, identity, registry.clone())?;
     let addr = origin.local_addr()?;
     info!(%addr, "origin listening (QUIC)");
     let mut stop = shutdown;
@@ -341,7 +348,15 @@ async fn start_origin(
             let _ = stop.wait_for(|s| *s).await;
         })),
     ));
-    Ok((addr, cert))
+    let manager = tern_origin_link::ingest::IngestManager::new(registry, cfg.origin.channels);
+    for i in &cfg.origin.ingest {
+        let ep = manager
+            .create(i.broadcast.parse()?, i.listen)
+            .await
+            .with_context(|| format!("opening RTP ingest for {} on {}", i.broadcast, i.listen))?;
+        info!(broadcast = %ep.broadcast, addr = %ep.addr, "send RTP/Opus here");
+    }
+    Ok((addr, cert, manager))
 }
 
 impl Parts {

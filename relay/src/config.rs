@@ -77,6 +77,20 @@ pub struct OriginConfig {
     pub channels: u8,
     /// Opus bitrate of the test source, bits per second.
     pub bitrate: u32,
+    /// RTP ingest endpoints opened at start: `[[origin.ingest]]` with `broadcast` and `listen`.
+    pub ingest: Vec<IngestConfig>,
+    /// Address that endpoints created through `POST /v1/ingest` bind to (port chosen then).
+    pub ingest_api_bind: std::net::IpAddr,
+}
+
+/// `[[origin.ingest]]`: one broadcast fed by plain RTP/Opus (an SFU's plain transport).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// The broadcast id.
+    pub broadcast: String,
+    /// UDP address to receive RTP on.
+    pub listen: SocketAddr,
 }
 
 impl Default for OriginConfig {
@@ -89,6 +103,8 @@ impl Default for OriginConfig {
             test_broadcasts: vec!["demo".into()],
             channels: 2,
             bitrate: 64_000,
+            ingest: Vec::new(),
+            ingest_api_bind: [127, 0, 0, 1].into(),
         }
     }
 }
@@ -274,12 +290,9 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Error>
 }
 
 fn validate(c: &Config) -> Result<(), String> {
-    for b in c
-        .origin
-        .test_broadcasts
-        .iter()
-        .chain(&c.packager.broadcasts)
-    {
+    let ingest_ids = c.origin.ingest.iter().map(|i| &i.broadcast);
+    let all = c.origin.test_broadcasts.iter();
+    for b in all.chain(&c.packager.broadcasts).chain(ingest_ids) {
         b.parse::<tern_origin_link::BroadcastId>()
             .map_err(|e| e.to_string())?;
     }

@@ -17,6 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use tern_origin_link::ingest::IngestManager;
 use tern_origin_link::BroadcastId;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -55,6 +56,8 @@ pub struct HttpState {
     pub limiter: std::sync::Mutex<crate::limits::RateLimiter>,
     /// True when `/metrics` and `/admin/*` have their own listener.
     pub admin_separate: bool,
+    /// RTP ingest endpoints, if this process is an origin, and the address new ones bind to.
+    pub ingest: Option<(Arc<IngestManager>, std::net::IpAddr)>,
 }
 
 /// Which listener a request came in on.
@@ -124,7 +127,10 @@ async fn route(
     };
     let metrics_ok = surface == Surface::Admin || !st.admin_separate;
     if surface == Surface::Admin
-        && !matches!(parts.first(), Some(&"health" | &"metrics" | &"admin"))
+        && !matches!(
+            parts.as_slice(),
+            ["health" | "metrics" | "admin", ..] | ["v1", "ingest", ..]
+        )
     {
         return text(
             StatusCode::NOT_FOUND,
@@ -155,6 +161,10 @@ async fn route(
             ),
         },
         (_, ["admin", ..]) => text(StatusCode::NOT_FOUND, format!("nothing at {path}")),
+        (Method::GET, ["v1", "ingest"]) if admin_ok => ingest_list(st),
+        (Method::POST, ["v1", "ingest"]) if admin_ok => ingest_create(req, st).await,
+        (Method::DELETE, ["v1", "ingest", b]) if admin_ok => ingest_delete(st, b),
+        (_, ["v1", "ingest", ..]) => text(StatusCode::NOT_FOUND, format!("nothing at {path}")),
         (_, ["metrics"]) if !metrics_ok => text(
             StatusCode::NOT_FOUND,
             "metrics are served on the admin listener",
@@ -339,6 +349,80 @@ async fn whep_patch(
         empty(StatusCode::NO_CONTENT)
     } else {
         text(StatusCode::NOT_FOUND, "no such session")
+    }
+}
+
+fn ingest_json(e: &tern_origin_link::ingest::Endpoint) -> serde_json::Value {
+    json!({
+        "broadcast": e.broadcast.as_str(),
+        "address": e.addr.to_string(),
+        "port": e.addr.port(),
+        "codec": "opus/48000",
+    })
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = with_type(Response::new(Body::from(v.to_string())), "application/json");
+    *r.status_mut() = status;
+    r
+}
+
+fn ingest_list(st: &HttpState) -> Response<Body> {
+    let Some((ingest, _)) = &st.ingest else {
+        return text(StatusCode::NOT_FOUND, "this node is not an origin");
+    };
+    let all: Vec<_> = ingest.list().iter().map(ingest_json).collect();
+    json_response(StatusCode::OK, &json!(all))
+}
+
+/// `POST /v1/ingest` with `{"broadcast": "id", "port": 5004}` (port optional): opens an RTP
+/// endpoint and answers where to send, as an SFU's plain transport API does.
+async fn ingest_create(req: Request<Incoming>, st: &HttpState) -> Response<Body> {
+    let Some((ingest, bind_ip)) = &st.ingest else {
+        return text(StatusCode::NOT_FOUND, "this node is not an origin");
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Create {
+        broadcast: String,
+        #[serde(default)]
+        port: u16,
+    }
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "request body over 4 KiB"),
+    };
+    let create: Create = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"broadcast\": ..., \"port\": ...}}: {e}"),
+            )
+        }
+    };
+    let broadcast: BroadcastId = match create.broadcast.parse() {
+        Ok(b) => b,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match ingest
+        .create(broadcast, SocketAddr::new(*bind_ip, create.port))
+        .await
+    {
+        Ok(ep) => json_response(StatusCode::CREATED, &ingest_json(&ep)),
+        Err(tern_origin_link::Error::Refused(why)) => text(StatusCode::CONFLICT, why),
+        Err(e) => text(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+fn ingest_delete(st: &HttpState, b: &str) -> Response<Body> {
+    let (Some((ingest, _)), Ok(broadcast)) = (&st.ingest, b.parse::<BroadcastId>()) else {
+        return text(StatusCode::NOT_FOUND, "no such ingest endpoint");
+    };
+    if ingest.delete(&broadcast) {
+        empty(StatusCode::NO_CONTENT)
+    } else {
+        text(StatusCode::NOT_FOUND, "no such ingest endpoint")
     }
 }
 

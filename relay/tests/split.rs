@@ -161,3 +161,98 @@ fn origin_relay_and_packager_run_as_separate_processes() {
     assert!(last.contains("#EXT-X-ENDLIST"), "{last}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_sfu_feeds_the_origin_over_rtp_and_listeners_hear_it_through_a_relay() {
+    let dir = std::env::temp_dir().join(format!("tern-ingest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = dir.join("origin.pem");
+    let origin_addr = free_udp();
+    let origin = Tern::start(
+        "origin",
+        &[
+            ("TERN_ORIGIN__LISTEN", origin_addr.to_string()),
+            ("TERN_ORIGIN__CERT_OUT", cert.display().to_string()),
+            ("TERN_ORIGIN__TEST_BROADCASTS", "[]".into()),
+        ],
+    );
+
+    // The SFU asks for a plain-RTP endpoint, as it would for a plain transport.
+    let api = |method: &str, path: &str, body: &str| {
+        let (s, b) = request(
+            origin.addr,
+            method,
+            path,
+            Some("application/json"),
+            body.as_bytes(),
+        );
+        (s, text(b))
+    };
+    let (s, created) = api("POST", "/v1/ingest", r#"{"broadcast":"talk"}"#);
+    assert_eq!(s, 201, "{created}");
+    let port: u16 = created
+        .split("\"port\":")
+        .nth(1)
+        .and_then(|r| r.split(&[',', '}'][..]).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{created}"));
+    assert_eq!(
+        api("POST", "/v1/ingest", r#"{"broadcast":"talk"}"#).0,
+        409,
+        "no duplicates"
+    );
+    assert_eq!(api("POST", "/v1/ingest", r#"{"broadcast":"../x"}"#).0, 400);
+    assert_eq!(api("POST", "/v1/ingest", "not json").0, 400);
+    assert!(api("GET", "/v1/ingest", "").1.contains("\"talk\""));
+
+    let mut ffmpeg = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=f=330:d=8",
+        ])
+        .args([
+            "-c:a",
+            "libopus",
+            "-b:a",
+            "48k",
+            "-payload_type",
+            "111",
+            "-f",
+            "rtp",
+        ])
+        .arg(format!("rtp://127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ffmpeg is installed");
+
+    let relay = Tern::start(
+        "relay",
+        &[
+            ("TERN_UPSTREAM__ADDR", origin_addr.to_string()),
+            ("TERN_UPSTREAM__CA", cert.display().to_string()),
+        ],
+    );
+    // The broadcast exists from the moment its endpoint does.
+    let listener = common::Listener::start(relay.addr, "talk", None).expect("admitted");
+    listener.wait_frames(100, Duration::from_secs(6));
+    let frames = listener.frames.lock().unwrap().clone();
+    assert!(
+        frames.windows(2).all(|w| w[1].0 == w[0].0 + 960),
+        "continuous 20 ms frames"
+    );
+
+    assert_eq!(api("DELETE", "/v1/ingest/talk", "").0, 204);
+    assert_eq!(api("DELETE", "/v1/ingest/talk", "").0, 404);
+    let _ = ffmpeg.kill();
+    let _ = ffmpeg.wait();
+    drop(listener);
+    relay.stop();
+    origin.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
