@@ -125,7 +125,14 @@ pub struct Origin {
 impl Origin {
     /// Binds the QUIC server on `addr` (port 0 picks a free port).
     pub fn bind(addr: SocketAddr, identity: Identity, registry: Registry) -> Result<Self, Error> {
-        let endpoint = quinn::Endpoint::server(tls::server_config(identity)?, addr)?;
+        let endpoint_config = tls::endpoint_config(&identity);
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(tls::server_config(identity)?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         Ok(Self { endpoint, registry })
     }
 

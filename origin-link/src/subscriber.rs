@@ -16,8 +16,10 @@ use crate::origin::read_next;
 use crate::wire::{self, Frame, Message, SubscribeErrorCode};
 use crate::{tls, BroadcastId, Error};
 
-/// How long connecting or subscribing may take before it counts as a failure.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long connecting or subscribing may take before it counts as a failure. Short, so
+/// that while a link is down the attempts keep coming about every second or two, and the
+/// first one after the link returns succeeds.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A relay's handle on one origin (or upstream relay).
 pub struct Upstream {

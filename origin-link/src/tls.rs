@@ -50,6 +50,63 @@ impl Identity {
     }
 }
 
+/// The fleet CA's fixed name. Node certificates name it as their issuer, so the CA can sign
+/// more of them later from its key alone, without parsing its certificate back.
+const CA_NAME: &str = "Tern fleet CA";
+
+fn ca_params() -> Result<rcgen::CertificateParams, Error> {
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, CA_NAME);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    Ok(p)
+}
+
+fn tls_err(e: impl std::fmt::Display) -> Error {
+    Error::Tls(e.to_string())
+}
+
+/// Makes a fleet CA: (certificate PEM, private key PEM).
+pub fn make_ca() -> Result<(String, String), Error> {
+    let key = rcgen::KeyPair::generate().map_err(tls_err)?;
+    let cert = ca_params()?.self_signed(&key).map_err(tls_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Issues a node certificate for `names` (DNS names or IPs) signed by the CA whose key is
+/// `ca_key_pem`: (certificate PEM, private key PEM). Valid for server and client use, so
+/// the same certificate serves an origin, and a relay that authenticates to its upstream.
+pub fn issue(ca_key_pem: &str, names: &[String]) -> Result<(String, String), Error> {
+    if names.is_empty() {
+        return Err(Error::Tls(
+            "a node certificate needs at least one name".into(),
+        ));
+    }
+    let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(tls_err)?;
+    let issuer = rcgen::Issuer::new(ca_params()?, ca_key);
+    let mut p = rcgen::CertificateParams::new(names.to_vec()).map_err(tls_err)?;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, names[0].clone());
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().map_err(tls_err)?;
+    let cert = p.signed_by(&key, &issuer).map_err(tls_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// Loads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -71,16 +128,41 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // Keep-alives well inside the idle timeout so a quiet link (no broadcasts subscribed)
-    // stays up, and a dead one is noticed within seconds, not minutes.
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
-    // 10 s fits in a VarInt; the conversion cannot fail.
+    // Keep-alives every second: a restarted origin answers the first one with a stateless
+    // reset (see `endpoint_config`), so the relay learns of the restart within a second.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    // A link that stays silent this long is dead; the relay then reconnects.
+    // 5 s fits in a VarInt; the conversion cannot fail.
     t.max_idle_timeout(Some(
-        Duration::from_secs(10)
+        Duration::from_secs(5)
             .try_into()
-            .expect("10 s is a valid idle timeout"),
+            .expect("5 s is a valid idle timeout"),
     ));
     Arc::new(t)
+}
+
+/// The origin's endpoint config, with a stateless-reset key derived from its private key.
+///
+/// A QUIC endpoint answers packets of connections it does not know with a stateless reset,
+/// which the peer only believes if it carries the token of the original connection. With a
+/// random key per process, an origin that restarted could not reset its old connections and
+/// relays would wait out the idle timeout; a key derived from the (stable) identity lets the
+/// new process reset them at once. The connection-ID generator's key is derived the same
+/// way, since an endpoint drops packets whose connection ID it did not issue before it would
+/// consider resetting them.
+pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let mut material = b"tern origin-link stateless reset v0".to_vec();
+    material.extend_from_slice(identity.key.secret_der());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &material);
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, digest.as_ref());
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&digest.as_ref()[24..32]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 /// The origin's QUIC server config.
@@ -150,6 +232,50 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_node_certificate_from_the_fleet_ca_is_trusted_over_quic() {
+        let (ca_pem, ca_key) = make_ca().unwrap();
+        // Issued later, from the key alone, like `tern certs` on a second run.
+        let (cert_pem, key_pem) =
+            issue(&ca_key, &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("tern-pki-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (n, c) in [
+            ("ca.pem", &ca_pem),
+            ("n.pem", &cert_pem),
+            ("n-key.pem", &key_pem),
+        ] {
+            std::fs::write(dir.join(n), c).unwrap();
+        }
+        let id = Identity::from_pem_files(&dir.join("n.pem"), &dir.join("n-key.pem")).unwrap();
+        let roots = load_certs(&dir.join("ca.pem")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let server =
+            quinn::Endpoint::server(server_config(id).unwrap(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(inc) = server.accept().await {
+                tokio::spawn(async move {
+                    let _ = inc.await;
+                });
+            }
+        });
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(&roots).unwrap());
+        client
+            .connect(addr, "localhost")
+            .unwrap()
+            .await
+            .expect("CA-signed certificate accepted");
+        // Another CA's roots refuse it.
+        let (other_ca, _) = make_ca().unwrap();
+        let other = CertificateDer::from_pem_slice(other_ca.as_bytes()).unwrap();
+        client.set_default_client_config(client_config(&[other]).unwrap());
+        assert!(client.connect(addr, "localhost").unwrap().await.is_err());
+    }
 
     #[test]
     fn self_signed_pem_round_trips() {

@@ -45,10 +45,40 @@ enum Command {
     Package,
     /// Loads the configuration, reports what is wrong or prints the effective values.
     CheckConfig,
+    /// Makes a fleet CA in DIR (once) and a certificate for NAME signed by it, valid for the
+    /// given DNS names and IPs: DIR/NAME.pem and DIR/NAME-key.pem. Relays trust DIR/ca.pem.
+    Certs {
+        /// Folder for the CA and the node files.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Replace NAME's existing certificate.
+        #[arg(long)]
+        force: bool,
+        /// File name of the node (e.g. origin-1).
+        name: String,
+        /// DNS names and IP addresses the certificate is valid for.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Certs {
+        dir,
+        force,
+        name,
+        names,
+    } = &cli.command
+    {
+        return match certs(dir, *force, name, names) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tern: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_tracing();
     let overrides = Overrides {
         http_listen: cli.http,
@@ -89,6 +119,47 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+fn certs(dir: &std::path::Path, force: bool, name: &str, names: &[String]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let id: BroadcastId = name
+        .parse()
+        .context("NAME becomes a file name: use A-Z a-z 0-9 _ -")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Keys are written readable by the owner only.
+    let write = |path: PathBuf, text: &str, secret: bool| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(text.as_bytes())?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    if !ca_key.exists() {
+        let (cert, key) = tls::make_ca()?;
+        write(ca_cert, &cert, false)?;
+        write(ca_key.clone(), &key, true)?;
+    }
+    let (cert_path, key_path) = (
+        dir.join(format!("{id}.pem")),
+        dir.join(format!("{id}-key.pem")),
+    );
+    if cert_path.exists() && !force {
+        bail!("{} exists; use --force to replace it", cert_path.display());
+    }
+    let ca_key_pem = std::fs::read_to_string(&ca_key)
+        .with_context(|| format!("reading {}", ca_key.display()))?;
+    let (cert, key) = tls::issue(&ca_key_pem, names)?;
+    write(cert_path, &cert, false)?;
+    write(key_path, &key, true)?;
+    Ok(())
+}
+
 fn toml_string(cfg: &Config) -> Result<String> {
     // figment's TOML support brings serde-compatible output through its own toml dependency.
     Ok(serde_json::to_string_pretty(cfg)?)
@@ -127,7 +198,9 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
         Command::Origin => (true, false, false),
         Command::Relay => (false, true, false),
         Command::Package => (false, false, true),
-        Command::CheckConfig => unreachable!("handled before the runtime starts"),
+        Command::CheckConfig | Command::Certs { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     };
 
     // The upstream's address and the certificates to trust for it.
@@ -164,6 +237,7 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
             cfg.relay.announce,
             cfg.relay.max_listeners,
             upstream,
+            Duration::from_secs(cfg.relay.unsubscribe_grace_seconds),
             shutdown_rx.clone(),
         )
         .await?;
@@ -398,7 +472,7 @@ fn print_banner(command: &Command, http: std::net::SocketAddr, cfg: &Config, pac
             }
         }
         Command::Origin => println!("  origin (QUIC): {}", cfg.origin.listen),
-        Command::CheckConfig => {}
+        Command::CheckConfig | Command::Certs { .. } => {}
     }
     println!("  health:        {base}/health");
     println!("  metrics:       {base}/metrics");

@@ -149,6 +149,9 @@ pub struct RelayConfig {
     /// On SIGTERM or `POST /admin/drain`, how long current listeners may stay before the
     /// process exits anyway.
     pub drain_timeout_seconds: u64,
+    /// After the last listener of a broadcast leaves, the relay keeps its upstream
+    /// subscription this long (a listener coming back meanwhile starts at once).
+    pub unsubscribe_grace_seconds: u64,
     /// Who may listen.
     pub auth: AuthConfig,
 }
@@ -162,6 +165,7 @@ impl Default for RelayConfig {
             sessions_per_minute: 60,
             session_burst: 20,
             drain_timeout_seconds: 60,
+            unsubscribe_grace_seconds: 30,
             auth: AuthConfig::default(),
         }
     }

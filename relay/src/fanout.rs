@@ -134,6 +134,7 @@ pub struct Fanout {
     by_ufrag: HashMap<String, ListenerId>,
     by_addr: HashMap<SocketAddr, ListenerId>,
     members: HashMap<BroadcastId, Vec<ListenerId>>,
+    timelines: HashMap<BroadcastId, Timeline>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<FanoutEvent>,
     stats: FanoutStats,
@@ -156,6 +157,7 @@ impl Fanout {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             members: HashMap::new(),
+            timelines: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: FanoutStats::default(),
@@ -312,7 +314,12 @@ impl Fanout {
         };
         // One allocation per frame, shared by every listener's packetizer.
         let payload: Arc<[u8]> = Arc::from(&frame.payload[..]);
-        let rtp_time = MediaTime::new(frame.timestamp, Frequency::FORTY_EIGHT_KHZ);
+        let media = self
+            .timelines
+            .entry(broadcast.clone())
+            .or_default()
+            .map(frame.timestamp, now);
+        let rtp_time = MediaTime::new(media, Frequency::FORTY_EIGHT_KHZ);
         let capture = AbsCaptureTime {
             capture_time: UNIX_EPOCH + Duration::from_micros(frame.capture_time_us),
             clock_offset: None,
@@ -441,6 +448,7 @@ impl Fanout {
                 ids.retain(|x| *x != id);
                 if ids.is_empty() {
                     self.members.remove(&l.broadcast);
+                    self.timelines.remove(&l.broadcast);
                 }
             }
             self.events.push_back(FanoutEvent::Left {
@@ -449,6 +457,38 @@ impl Fanout {
                 reason: l.dead.unwrap_or(LeaveReason::Disconnected),
             });
         }
+    }
+}
+
+/// Keeps the RTP timeline that listeners of one broadcast see continuous when the upstream's
+/// media time restarts (origin restart) or leaps (a new source), so their decoders never
+/// see time run backwards: after a discontinuity, output resumes one frame after the last
+/// one plus the wall-clock time that passed.
+#[derive(Default)]
+struct Timeline {
+    /// Output = input + offset.
+    offset: i128,
+    /// Last input timestamp, last output timestamp, and when.
+    last: Option<(u64, u64, Instant)>,
+}
+
+/// A forward leap beyond the wall-clock time elapsed plus this (10 s at 48 kHz) is a
+/// discontinuity, not a stretch of DTX silence.
+const MAX_LEAP: u64 = 480_000;
+
+impl Timeline {
+    fn map(&mut self, ts: u64, now: Instant) -> u64 {
+        if let Some((last_in, last_out, at)) = self.last {
+            let elapsed = now.saturating_duration_since(at).as_micros() as u64 * 48 / 1000;
+            if ts <= last_in || ts > last_in + elapsed + MAX_LEAP {
+                let resume = last_out + 960 + elapsed;
+                self.offset = i128::from(resume) - i128::from(ts);
+            }
+        }
+        // The offset only ever moves output forward of `last_out`, so it stays positive.
+        let out = u64::try_from(i128::from(ts) + self.offset).unwrap_or(ts);
+        self.last = Some((ts, out, now));
+        out
     }
 }
 
@@ -748,6 +788,68 @@ mod tests {
             }
         }
         assert_eq!(f.stats().frames_out, 2 * seq);
+    }
+
+    #[test]
+    fn an_upstream_restart_keeps_listener_timestamps_continuous() {
+        let mut now = Instant::now();
+        let mut f = fanout();
+        let (mut clients, _) = connect(&mut f, 1, now);
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_secs(2),
+            |_, _, _| {},
+        );
+        let mut seq = 0;
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_millis(500),
+            |f, now, tick| {
+                if tick % 20 == 0 {
+                    f.handle_frame(&demo(), &frame(seq + 5_000), now);
+                    seq += 1;
+                }
+            },
+        );
+        // 1.5 s without frames, then the origin comes back counting from zero.
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_millis(1500),
+            |_, _, _| {},
+        );
+        let mut seq2 = 0;
+        run(
+            &mut f,
+            &mut clients,
+            &mut now,
+            Duration::from_millis(500),
+            |f, now, tick| {
+                if tick % 20 == 0 {
+                    f.handle_frame(&demo(), &frame(seq2), now);
+                    seq2 += 1;
+                }
+            },
+        );
+        let got = &clients[0].received;
+        assert_eq!(got.len() as u64, seq + seq2);
+        let times: Vec<u64> = got.iter().map(|(t, _)| *t).collect();
+        assert!(
+            times.windows(2).all(|w| w[1] > w[0]),
+            "RTP time never runs backwards"
+        );
+        let jump = times[seq as usize] - times[seq as usize - 1];
+        // One frame plus the ~1.5 s of silence (48 kHz), within a frame of slack.
+        assert!(
+            (960 + 72_000 - 960..=960 + 72_000 + 1_920).contains(&jump),
+            "jump of {jump}"
+        );
+        assert!(times[seq as usize..].windows(2).all(|w| w[1] - w[0] == 960));
     }
 
     #[test]

@@ -73,8 +73,9 @@ pub struct Relay {
     tx: mpsc::Sender<Command>,
     snapshot: watch::Receiver<RelaySnapshot>,
     upstream: Arc<Upstream>,
-    subscriptions: Arc<Mutex<HashMap<BroadcastId, watch::Receiver<UpstreamState>>>>,
+    subscriptions: Subscriptions,
     draining: Arc<watch::Sender<bool>>,
+    grace: Duration,
 }
 
 impl Relay {
@@ -85,6 +86,7 @@ impl Relay {
         announce: Option<SocketAddr>,
         max_listeners: usize,
         upstream: Upstream,
+        unsubscribe_grace: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), Error> {
         let socket = UdpSocket::bind(listen)
@@ -169,6 +171,7 @@ impl Relay {
                 upstream: Arc::new(upstream),
                 subscriptions: Default::default(),
                 draining: Arc::new(watch::channel(false).0),
+                grace: unsubscribe_grace,
             },
             task,
         ))
@@ -260,7 +263,7 @@ impl Relay {
             .lock()
             .await
             .iter()
-            .map(|(b, s)| (b.to_string(), s.borrow().clone()))
+            .map(|(b, e)| (b.to_string(), e.state.borrow().clone()))
             .collect()
     }
 
@@ -270,7 +273,8 @@ impl Relay {
     async fn ensure_subscribed(&self, broadcast: &BroadcastId) -> Result<(), Error> {
         // Held across the subscribe so concurrent first listeners make one subscription.
         let mut subs = self.subscriptions.lock().await;
-        if subs.contains_key(broadcast) {
+        if let Some(entry) = subs.get_mut(broadcast) {
+            entry.wanted = tokio::time::Instant::now();
             return Ok(());
         }
         let sub = self
@@ -282,30 +286,100 @@ impl Relay {
                 other => Error::Upstream(other.to_string()),
             })?;
         let (state_tx, state_rx) = watch::channel(UpstreamState::Live);
-        subs.insert(broadcast.clone(), state_rx);
-        tokio::spawn(pump(
-            self.upstream.clone(),
+        subs.insert(
             broadcast.clone(),
-            sub,
-            self.tx.clone(),
-            state_tx,
-        ));
+            SubEntry {
+                state: state_rx,
+                wanted: tokio::time::Instant::now(),
+            },
+        );
+        let ctx = PumpContext {
+            upstream: self.upstream.clone(),
+            broadcast: broadcast.clone(),
+            tx: self.tx.clone(),
+            state: state_tx,
+            subscriptions: self.subscriptions.clone(),
+            snapshot: self.snapshot.clone(),
+            grace: self.grace,
+        };
+        tokio::spawn(pump(ctx, sub));
         Ok(())
     }
 }
 
-/// Moves frames from an upstream subscription into the fan-out task, resubscribing with
-/// exponential backoff when the subscription ends. Ends when the fan-out task is gone.
-async fn pump(
+/// One upstream subscription, as the relay tracks it.
+struct SubEntry {
+    state: watch::Receiver<UpstreamState>,
+    /// Last time a listener asked for this broadcast; a subscription is kept at least a
+    /// grace period after that, so a listener arriving just as the last one left is served.
+    wanted: tokio::time::Instant,
+}
+
+type Subscriptions = Arc<Mutex<HashMap<BroadcastId, SubEntry>>>;
+
+/// What a pump needs besides its subscription.
+struct PumpContext {
     upstream: Arc<Upstream>,
     broadcast: BroadcastId,
-    mut sub: tern_origin_link::Subscription,
     tx: mpsc::Sender<Command>,
     state: watch::Sender<UpstreamState>,
-) {
+    subscriptions: Subscriptions,
+    snapshot: watch::Receiver<RelaySnapshot>,
+    grace: Duration,
+}
+
+impl PumpContext {
+    /// True once nobody has listened to the broadcast for the grace period; the entry is
+    /// then removed (under the lock `ensure_subscribed` takes, so no listener can slip in).
+    async fn idle_expired(&self, idle_since: &mut Option<tokio::time::Instant>) -> bool {
+        let listeners = |s: &RelaySnapshot| {
+            s.per_broadcast
+                .get(self.broadcast.as_str())
+                .copied()
+                .unwrap_or(0)
+        };
+        if listeners(&self.snapshot.borrow()) > 0 {
+            *idle_since = None;
+            return false;
+        }
+        let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < self.grace {
+            return false;
+        }
+        let mut subs = self.subscriptions.lock().await;
+        let wanted_recently = subs
+            .get(&self.broadcast)
+            .is_some_and(|e| e.wanted.elapsed() < self.grace);
+        if wanted_recently || listeners(&self.snapshot.borrow()) > 0 {
+            return false;
+        }
+        subs.remove(&self.broadcast);
+        info!(broadcast = %self.broadcast, "no listeners for {:?}: unsubscribed upstream", self.grace);
+        true
+    }
+}
+
+/// Moves frames from an upstream subscription into the fan-out task, resubscribing with
+/// capped exponential backoff when the subscription ends, and unsubscribing once the
+/// broadcast has had no listener for the grace period. Ends then, or when the fan-out task
+/// is gone.
+async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
+    let broadcast = ctx.broadcast.clone();
+    let mut idle_since = None;
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         loop {
-            match sub.next_frame().await {
+            let next = tokio::select! {
+                f = sub.next_frame() => f,
+                _ = check.tick() => {
+                    if ctx.idle_expired(&mut idle_since).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match next {
                 Ok(Some(frame)) => {
                     metrics::counter!("tern_relay_frames_in_total").increment(1);
                     // Capture at the origin to arrival here; clocks are NTP-synchronised.
@@ -317,7 +391,7 @@ async fn pump(
                         broadcast: broadcast.clone(),
                         frame,
                     };
-                    if tx.send(cmd).await.is_err() {
+                    if ctx.tx.send(cmd).await.is_err() {
                         return;
                     }
                 }
@@ -331,25 +405,27 @@ async fn pump(
                 }
             }
         }
-        state.send_replace(UpstreamState::Reconnecting);
+        ctx.state.send_replace(UpstreamState::Reconnecting);
+        metrics::counter!("tern_relay_upstream_reconnects_total").increment(1);
+        // Capped at 1 s so audio resumes within about a second of the link returning; the
+        // jitter spreads the reconnects of many relays after an origin restart.
         let mut delay = Duration::from_millis(100);
         sub = loop {
-            if tx.is_closed() {
+            if ctx.tx.is_closed() || ctx.idle_expired(&mut idle_since).await {
                 return;
             }
-            // Jitter spreads the reconnects of many relays after an origin restart.
             let jitter = rand::random_range(0..=delay.as_millis() as u64 / 2);
             tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
-            match upstream.subscribe(&broadcast).await {
+            match ctx.upstream.subscribe(&broadcast).await {
                 Ok(s) => break s,
                 Err(e) => {
                     debug!(%broadcast, "resubscribe failed: {e}");
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         };
         info!(%broadcast, "upstream subscription restored");
-        state.send_replace(UpstreamState::Live);
+        ctx.state.send_replace(UpstreamState::Live);
     }
 }
 

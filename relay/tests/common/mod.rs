@@ -340,3 +340,65 @@ impl Tern {
             .success());
     }
 }
+
+/// A UDP forwarder between one client and `target` that can cut the link (drop everything
+/// both ways) on demand. Runs until dropped.
+pub struct CutProxy {
+    /// Where clients send.
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutProxy {
+    pub fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(target).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let (c1, s1, cl1) = (cut.clone(), stop.clone(), client.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s1.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    *cl1.lock().unwrap() = Some(from);
+                    if !c1.load(Ordering::Relaxed) {
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+            }
+        });
+        let (c2, s2) = (cut.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok(n) = back2.recv(&mut buf) {
+                    let to = *client.lock().unwrap();
+                    if let (false, Some(to)) = (c2.load(Ordering::Relaxed), to) {
+                        let _ = front2.send_to(&buf[..n], to);
+                    }
+                }
+            }
+        });
+        Self { addr, cut, stop }
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,133 @@
+//! Listeners keep their WebRTC sessions through an origin restart and a 10 s link cut:
+//! audio resumes promptly once the origin is back, and RTP time never runs backwards.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{free_udp, CutProxy, Listener, Tern};
+
+fn pki(dir: &std::path::Path) {
+    let ok = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["certs", "--dir"])
+        .arg(dir)
+        .args(["origin", "localhost", "127.0.0.1"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "tern certs");
+}
+
+fn origin_env(dir: &std::path::Path, addr: std::net::SocketAddr) -> Vec<(&'static str, String)> {
+    vec![
+        ("TERN_ORIGIN__LISTEN", addr.to_string()),
+        (
+            "TERN_ORIGIN__CERT",
+            dir.join("origin.pem").display().to_string(),
+        ),
+        (
+            "TERN_ORIGIN__KEY",
+            dir.join("origin-key.pem").display().to_string(),
+        ),
+    ]
+}
+
+/// Waits until the listener's frame count grows past `n`; returns the time since `t0`.
+fn resumed_after(l: &Listener, n: usize, t0: Instant, limit: Duration) -> Duration {
+    while l.count() <= n {
+        assert!(
+            t0.elapsed() < limit,
+            "audio did not resume within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+fn assert_monotonic(l: &Listener) {
+    let frames = l.frames.lock().unwrap();
+    assert!(
+        frames.windows(2).all(|w| w[1].0 > w[0].0),
+        "RTP time ran backwards"
+    );
+}
+
+#[test]
+fn listeners_survive_an_origin_restart() {
+    let dir = std::env::temp_dir().join(format!("tern-restart-{}", std::process::id()));
+    pki(&dir);
+    let origin_addr = free_udp();
+    let origin = Tern::start("origin", &origin_env(&dir, origin_addr));
+    let relay = Tern::start(
+        "relay",
+        &[
+            ("TERN_UPSTREAM__ADDR", origin_addr.to_string()),
+            (
+                "TERN_UPSTREAM__CA",
+                dir.join("ca.pem").display().to_string(),
+            ),
+        ],
+    );
+    let listener = Listener::start(relay.addr, "demo", None).expect("admitted");
+    listener.wait_frames(50, Duration::from_secs(10));
+
+    // The origin dies without a goodbye, and comes back on the same address.
+    drop(origin);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = listener.count();
+    let t0 = Instant::now();
+    let back = Tern::start("origin", &origin_env(&dir, origin_addr));
+    let took = resumed_after(&listener, before, t0, Duration::from_secs(5));
+    eprintln!("audio resumed {took:?} after the origin process was started again");
+    assert!(
+        took <= Duration::from_secs(2),
+        "resumed only after {took:?}"
+    );
+    listener.wait_frames(before + 50, Duration::from_secs(5));
+    assert_monotonic(&listener);
+
+    drop(listener);
+    relay.stop();
+    back.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn listeners_survive_a_ten_second_link_cut() {
+    let dir = std::env::temp_dir().join(format!("tern-cut-{}", std::process::id()));
+    pki(&dir);
+    let origin_addr = free_udp();
+    let origin = Tern::start("origin", &origin_env(&dir, origin_addr));
+    let proxy = CutProxy::start(origin_addr);
+    let relay = Tern::start(
+        "relay",
+        &[
+            ("TERN_UPSTREAM__ADDR", proxy.addr.to_string()),
+            (
+                "TERN_UPSTREAM__CA",
+                dir.join("ca.pem").display().to_string(),
+            ),
+        ],
+    );
+    let listener = Listener::start(relay.addr, "demo", None).expect("admitted");
+    listener.wait_frames(50, Duration::from_secs(10));
+
+    proxy.set_cut(true);
+    std::thread::sleep(Duration::from_secs(10));
+    let before = listener.count();
+    proxy.set_cut(false);
+    let took = resumed_after(&listener, before, Instant::now(), Duration::from_secs(6));
+    eprintln!("audio resumed {took:?} after the link returned");
+    assert!(
+        took <= Duration::from_secs(2),
+        "resumed only after {took:?}"
+    );
+    listener.wait_frames(before + 50, Duration::from_secs(5));
+    assert_monotonic(&listener);
+
+    drop(listener);
+    relay.stop();
+    origin.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
