@@ -6,12 +6,17 @@
 //! - [`http`]: listener page, WHEP, HLS files, health, metrics.
 //! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
 //! - [`config`]: layered configuration.
+//! - [`reload`]: SIGHUP reload, the latest configuration on a watch channel.
+//! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
 pub mod config;
 pub mod fanout;
 pub mod http;
 pub mod node;
 pub mod packaging;
+pub mod reload;
+#[cfg(unix)]
+pub mod sdnotify;
 
 use tern_origin_link::BroadcastId;
 
