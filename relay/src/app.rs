@@ -12,6 +12,8 @@ use tern_origin_link::tls::CertificateDer;
 use tern_origin_link::tls::{self, Identity};
 use tern_origin_link::{BroadcastId, Origin, Registry, Upstream};
 use tern_relay::config::{self, Config, Overrides};
+use tern_relay::reload::Reloader;
+use tern_relay::sdnotify::{self, Notifier};
 use tern_relay::{http, node, packaging};
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -79,7 +81,6 @@ pub(crate) fn main() -> ExitCode {
             }
         };
     }
-    init_tracing();
     let overrides = Overrides {
         http_listen: cli.http,
     };
@@ -91,7 +92,7 @@ pub(crate) fn main() -> ExitCode {
         }
     };
     if let Command::CheckConfig = cli.command {
-        return match toml_string(&cfg) {
+        return match cfg.to_masked_toml() {
             Ok(s) => {
                 println!("# configuration is valid; effective values:\n{s}");
                 ExitCode::SUCCESS
@@ -109,7 +110,9 @@ pub(crate) fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, cfg)) {
+    let log = init_tracing(&cfg);
+    let reloader = Arc::new(Reloader::new(cli.config.clone(), overrides, cfg.clone()));
+    match runtime.block_on(run(cli.command, cfg, Ops { reloader, log })) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -160,18 +163,91 @@ fn certs(dir: &std::path::Path, force: bool, name: &str, names: &[String]) -> Re
     Ok(())
 }
 
-fn toml_string(cfg: &Config) -> Result<String> {
-    // figment's TOML support brings serde-compatible output through its own toml dependency.
-    Ok(serde_json::to_string_pretty(cfg)?)
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Logs to stderr (the journal under systemd) with `log.level`, or `RUST_LOG` if set. Returns
+/// a handle to change the filter live, or `None` when `RUST_LOG` pins it.
+fn init_tracing(cfg: &Config) -> Option<LogHandle> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let (filter, pinned) = match EnvFilter::try_from_default_env() {
+        Ok(f) => (f, true),
+        Err(_) => (EnvFilter::new(cfg.log.filter()), false),
+    };
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    (!pinned).then_some(handle)
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,str0m=warn,quinn=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// Operations plumbing handed to [`run`]: SIGHUP reload and the live log filter.
+struct Ops {
+    reloader: Arc<Reloader>,
+    log: Option<LogHandle>,
+}
+
+impl Ops {
+    /// Starts what serves systemd and SIGHUP: returns the notifier (if run by systemd).
+    fn start(self, parts: &mut Parts, shutdown: &watch::Receiver<bool>) -> Option<Arc<Notifier>> {
+        let notifier = Notifier::from_env().map(Arc::new);
+        // Apply each new configuration's log filter.
+        if let Some(log) = self.log {
+            let mut latest = self.reloader.subscribe();
+            let mut stop = shutdown.clone();
+            parts.tasks.push((
+                "log filter",
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = tern_relay::stopped(&mut stop) => return,
+                            changed = latest.changed() => if changed.is_err() { return },
+                        }
+                        let filter = latest.borrow_and_update().log.filter();
+                        match log.reload(tracing_subscriber::EnvFilter::new(&filter)) {
+                            Ok(()) => info!(%filter, "log filter applied"),
+                            Err(e) => error!("applying the log filter: {e}"),
+                        }
+                    }
+                }),
+            ));
+        } else {
+            info!("RUST_LOG is set: log.level changes on reload are ignored");
+        }
+        parts.tasks.push((
+            "reload",
+            tokio::spawn(
+                self.reloader
+                    .clone()
+                    .run_on_sighup(notifier.clone(), shutdown.clone()),
+            ),
+        ));
+        notifier
+    }
+}
+
+/// Sends `WATCHDOG=1` at half the interval systemd asked for, from the runtime itself, so a
+/// wedged runtime stops the pings and systemd restarts the service.
+fn start_watchdog(notifier: &Arc<Notifier>, parts: &mut Parts, shutdown: &watch::Receiver<bool>) {
+    let Some(every) = sdnotify::watchdog_interval() else {
+        return;
+    };
+    let (n, mut stop) = (notifier.clone(), shutdown.clone());
+    parts.tasks.push((
+        "watchdog",
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tern_relay::stopped(&mut stop) => return,
+                    _ = tick.tick() => n.send("WATCHDOG=1"),
+                }
+            }
+        }),
+    ));
+    info!(?every, "systemd watchdog pings on");
 }
 
 /// Everything a subcommand started, stopped in reverse by [`Parts::stop`].
@@ -181,7 +257,7 @@ struct Parts {
     temp_dir: Option<PathBuf>,
 }
 
-async fn run(command: Command, mut cfg: Config) -> Result<()> {
+async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
@@ -192,6 +268,8 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
         temp_dir: None,
     };
     let started = Instant::now();
+    // SIGHUP's default action ends the process: take it over before anything else.
+    let notifier = ops.start(&mut parts, &shutdown_rx);
 
     let (run_origin, run_relay, run_packager) = match command {
         Command::Demo => (true, true, true),
@@ -331,12 +409,22 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
     ));
 
     print_banner(&command, http_addr, &cfg, &packaging_ids);
+    if let Some(n) = &notifier {
+        start_watchdog(n, &mut parts, &shutdown_rx);
+        n.send(&format!("READY=1\nSTATUS=serving, HTTP on {http_addr}"));
+    }
     if wait_for_stop(relay.as_ref()).await == Stop::Drain {
         if let Some(relay) = &relay {
+            if let Some(n) = &notifier {
+                n.send("STATUS=draining: refusing new listeners");
+            }
             drain(relay, Duration::from_secs(cfg.relay.drain_timeout_seconds)).await;
         }
     }
     info!("stopping");
+    if let Some(n) = &notifier {
+        n.send("STOPPING=1");
+    }
     parts.stop().await;
     Ok(())
 }

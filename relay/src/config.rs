@@ -31,6 +31,41 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The HLS packager.
     pub packager: PackagerSection,
+    /// Logging; `level` can change live on SIGHUP.
+    pub log: LogConfig,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: a level (`info`, `debug`) or directives (`info,tern_relay=debug`).
+    /// `RUST_LOG`, when set, takes precedence.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    /// The filter directives to apply: `level`, with the chatty WebRTC and QUIC stacks kept at
+    /// `warn` unless `level` names them itself.
+    pub fn filter(&self) -> String {
+        let mut f = String::new();
+        for quiet in ["str0m", "quinn"] {
+            if !self.level.contains(quiet) {
+                f.push_str(quiet);
+                f.push_str("=warn,");
+            }
+        }
+        f.push_str(&self.level);
+        f
+    }
 }
 
 /// `[http]`
@@ -288,29 +323,71 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Error>
     if let Some(h) = overrides.http_listen {
         fig = fig.merge(Serialized::default("http.listen", h));
     }
-    let config: Config = fig.extract().map_err(|e| Error::Config(Box::new(e)))?;
-    validate(&config).map_err(|e| Error::Config(Box::new(figment::Error::from(e))))?;
+    let config: Config = fig
+        .extract()
+        .map_err(|e| Error::Config(Box::new(all_errors(e))))?;
+    validate(&config).map_err(|(key, msg)| Error::Config(Box::new(invalid(&fig, key, msg))))?;
     Ok(config)
 }
 
-fn validate(c: &Config) -> Result<(), String> {
-    let ingest_ids = c.origin.ingest.iter().map(|i| &i.broadcast);
-    let all = c.origin.test_broadcasts.iter();
-    for b in all.chain(&c.packager.broadcasts).chain(ingest_ids) {
-        b.parse::<tern_origin_link::BroadcastId>()
-            .map_err(|e| e.to_string())?;
+/// figment may collect several errors but displays only the first: join them all, each with
+/// its key and the file (or environment) it came from.
+fn all_errors(e: figment::Error) -> figment::Error {
+    if e.count() <= 1 {
+        return e;
     }
-    if !(1..=2).contains(&c.origin.channels) || !(1..=2).contains(&c.packager.channels) {
-        return Err("channels must be 1 or 2".into());
+    let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+    figment::Error::from(all.join("; "))
+}
+
+/// An error about `key` (dotted), naming where its value came from, like figment's own.
+fn invalid(fig: &Figment, key: &str, msg: String) -> figment::Error {
+    let mut e = figment::Error::from(msg);
+    e.path = key.split('.').map(String::from).collect();
+    e.metadata = fig.find_metadata(key).cloned();
+    e.profile = Some(figment::Profile::Default);
+    e
+}
+
+/// Checks what types alone cannot; an error is `(dotted key, message)`.
+fn validate(c: &Config) -> Result<(), (&'static str, String)> {
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(c.log.filter()) {
+        return Err(("log.level", format!("not a log filter: {e}")));
+    }
+    for (key, list) in [
+        ("origin.test_broadcasts", &c.origin.test_broadcasts),
+        ("packager.broadcasts", &c.packager.broadcasts),
+    ] {
+        for b in list {
+            b.parse::<tern_origin_link::BroadcastId>()
+                .map_err(|e| (key, e.to_string()))?;
+        }
+    }
+    for i in &c.origin.ingest {
+        i.broadcast
+            .parse::<tern_origin_link::BroadcastId>()
+            .map_err(|e| ("origin.ingest", e.to_string()))?;
+    }
+    if !(1..=2).contains(&c.origin.channels) {
+        return Err(("origin.channels", "must be 1 or 2".into()));
+    }
+    if !(1..=2).contains(&c.packager.channels) {
+        return Err(("packager.channels", "must be 1 or 2".into()));
     }
     if !(0.5..=10.0).contains(&c.packager.segment_seconds) {
-        return Err("packager.segment_seconds must be between 0.5 and 10".into());
+        return Err((
+            "packager.segment_seconds",
+            "must be between 0.5 and 10".into(),
+        ));
     }
     if c.packager.window == 0 {
-        return Err("packager.window must be at least 1".into());
+        return Err(("packager.window", "must be at least 1".into()));
     }
     if c.packager.renditions.is_empty() {
-        return Err("packager.renditions must name at least one rendition".into());
+        return Err((
+            "packager.renditions",
+            "must name at least one rendition".into(),
+        ));
     }
     for r in &c.packager.renditions {
         let ok = !r.name.is_empty()
@@ -318,19 +395,25 @@ fn validate(c: &Config) -> Result<(), String> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !ok {
-            return Err(format!("rendition name {:?}: use A-Z a-z 0-9 _ -", r.name));
+            return Err((
+                "packager.renditions",
+                format!("rendition name {:?}: use A-Z a-z 0-9 _ -", r.name),
+            ));
         }
         if !(16_000..=512_000).contains(&r.bitrate) {
-            return Err(format!(
-                "rendition {}: bitrate must be 16000..=512000",
-                r.name
+            return Err((
+                "packager.renditions",
+                format!("rendition {}: bitrate must be 16000..=512000", r.name),
             ));
         }
     }
     if c.relay.auth.mode == AuthMode::Jwt
         && c.relay.auth.hs256_secret.is_none() == c.relay.auth.public_key.is_none()
     {
-        return Err("relay.auth.mode = \"jwt\" needs exactly one of relay.auth.hs256_secret or relay.auth.public_key".into());
+        return Err((
+            "relay.auth.mode",
+            "\"jwt\" needs exactly one of relay.auth.hs256_secret or relay.auth.public_key".into(),
+        ));
     }
     if c.relay
         .auth
@@ -338,12 +421,103 @@ fn validate(c: &Config) -> Result<(), String> {
         .as_ref()
         .is_some_and(|s| s.len() < 16)
     {
-        return Err("relay.auth.hs256_secret must be at least 16 characters".into());
+        return Err((
+            "relay.auth.hs256_secret",
+            "must be at least 16 characters".into(),
+        ));
     }
     if c.relay.max_listeners == 0 {
-        return Err("relay.max_listeners must be at least 1".into());
+        return Err(("relay.max_listeners", "must be at least 1".into()));
     }
     Ok(())
+}
+
+/// Parts of key names whose values are never printed: any key containing one of these
+/// (case-insensitive), e.g. `hs256_secret`, `secret_access_key`, `password`, `token_keys`.
+pub const SECRET_MARKERS: &[&str] = &["secret", "password", "token", "private_key"];
+
+/// What a secret value is shown as.
+pub const MASK: &str = "********";
+
+/// True if values under this key name must not be printed.
+pub fn is_secret_key(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_MARKERS.iter().any(|m| name.contains(m))
+}
+
+/// Any serializable value as a TOML table, with the value of every secret-named key (at any
+/// depth, also inside arrays of tables) replaced by [`MASK`]. Unset options are left out.
+pub fn masked<T: Serialize>(value: &T) -> Result<toml::Table, Error> {
+    let mut v = toml::Value::try_from(value)
+        .map_err(|e| Error::Config(Box::new(figment::Error::from(e.to_string()))))?;
+    mask(&mut v);
+    match v {
+        toml::Value::Table(t) => Ok(t),
+        other => Err(Error::Config(Box::new(figment::Error::from(format!(
+            "expected a table, got {}",
+            other.type_str()
+        ))))),
+    }
+}
+
+fn mask(v: &mut toml::Value) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                if is_secret_key(k) {
+                    *v = toml::Value::String(MASK.into());
+                } else {
+                    mask(v);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(mask),
+        _ => {}
+    }
+}
+
+impl Config {
+    /// The effective configuration as TOML that `load` accepts back, secrets masked.
+    pub fn to_masked_toml(&self) -> Result<String, Error> {
+        toml::to_string_pretty(&masked(self)?)
+            .map_err(|e| Error::Config(Box::new(figment::Error::from(e.to_string()))))
+    }
+
+    /// Dotted keys whose values differ between `self` and `new` (arrays compare whole, so a
+    /// changed rendition reports `packager.renditions`). Secret values are compared too but
+    /// only their key is ever reported.
+    pub fn changed_keys(&self, new: &Self) -> Vec<String> {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        if let (Ok(x), Ok(y)) = (toml::Value::try_from(self), toml::Value::try_from(new)) {
+            flatten("", &x, &mut a);
+            flatten("", &y, &mut b);
+        }
+        let mut keys: Vec<String> = a
+            .iter()
+            .filter(|(k, v)| !b.iter().any(|(k2, v2)| k2 == k && v2 == v))
+            .chain(b.iter().filter(|(k, _)| !a.iter().any(|(k2, _)| k2 == k)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push((prefix.to_string(), other.clone())),
+    }
 }
 
 #[cfg(test)]
@@ -407,5 +581,109 @@ mod tests {
             assert!(e.to_string().contains("max_listenrs"), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file("w.toml", "[packager]\nwindow = 0\n")?;
+            let e = load(Some(Path::new("w.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("packager.window") && e.contains("w.toml"), "{e}");
+            jail.create_file("t.toml", "[relay]\nmax_listeners = \"many\"\n")?;
+            let e = load(Some(Path::new("t.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("relay.max_listeners") && e.contains("t.toml"),
+                "{e}"
+            );
+            jail.create_file("l.toml", "[log]\nlevel = \"info,=][\"\n")?;
+            let e = load(Some(Path::new("l.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("log.level") && e.contains("l.toml"), "{e}");
+            jail.set_env("TERN_RELAY__MAX_LISTENERS", "0");
+            // figment names environment keys as written: RELAY.MAX_LISTENERS.
+            let e = load(None, &Overrides::default()).unwrap_err().to_string();
+            assert!(
+                e.to_lowercase().contains("relay.max_listeners") && e.contains("TERN_"),
+                "{e}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_masked_at_any_depth() {
+        let v = serde_json::json!({
+            "relay": {
+                "max_listeners": 5,
+                "auth": { "hs256_secret": "s3cr3t", "issuer": "tern" },
+            },
+            "packager": { "s3": { "secret_access_key": "AKIA/xyz", "access_key_id": "AKIA" } },
+            "db": { "Password": "hunter2", "token_keys": [{ "id": "k1" }] },
+            "tls": { "private_key": "-----BEGIN", "key": "/etc/tern/key.pem" },
+            "fleet": [{ "id": "r1", "api_token": "t" }],
+        });
+        let t = masked(&v).unwrap();
+        let text = toml::to_string(&t).unwrap();
+        for secret in ["s3cr3t", "AKIA/xyz", "hunter2", "k1", "-----BEGIN", "\"t\""] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+        for kept in [
+            "tern",
+            "/etc/tern/key.pem",
+            "\"AKIA\"",
+            "r1",
+            "max_listeners = 5",
+        ] {
+            assert!(text.contains(kept), "{kept} missing:\n{text}");
+        }
+        assert_eq!(t["relay"]["auth"]["hs256_secret"].as_str(), Some(MASK));
+        assert_eq!(t["fleet"][0]["api_token"].as_str(), Some(MASK));
+    }
+
+    #[test]
+    fn printed_config_loads_back_unchanged() {
+        Jail::expect_with(|jail| {
+            let mut c = Config::default();
+            c.relay.announce = Some("203.0.113.9:3478".parse().unwrap());
+            c.log.level = "debug".into();
+            let text = c.to_masked_toml().unwrap();
+            jail.create_file("p.toml", &text)?;
+            let back = load(Some(Path::new("p.toml")), &Overrides::default()).unwrap();
+            assert_eq!(back, c, "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn changed_keys_lists_what_differs() {
+        let a = Config::default();
+        let mut b = a.clone();
+        assert!(a.changed_keys(&b).is_empty());
+        b.log.level = "debug".into();
+        b.relay.max_listeners = 9;
+        b.relay.announce = Some("203.0.113.9:3478".parse().unwrap());
+        b.packager.renditions.pop();
+        assert_eq!(
+            a.changed_keys(&b),
+            [
+                "log.level",
+                "packager.renditions",
+                "relay.announce",
+                "relay.max_listeners"
+            ]
+        );
+    }
+
+    #[test]
+    fn log_filter_keeps_the_stacks_quiet_unless_named() {
+        let mut l = LogConfig::default();
+        assert_eq!(l.filter(), "str0m=warn,quinn=warn,info");
+        l.level = "debug,str0m=debug".into();
+        assert_eq!(l.filter(), "quinn=warn,debug,str0m=debug");
     }
 }

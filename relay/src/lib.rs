@@ -7,6 +7,8 @@
 //! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
 //! - [`config`]: layered configuration.
 //! - [`auth`], [`limits`]: who may listen, and how often a client may start a session.
+//! - [`reload`]: SIGHUP reload, the latest configuration on a watch channel.
+//! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
 
 pub mod auth;
 pub mod config;
@@ -15,6 +17,9 @@ pub mod http;
 pub mod limits;
 pub mod node;
 pub mod packaging;
+pub mod reload;
+#[cfg(unix)]
+pub mod sdnotify;
 
 use tern_origin_link::BroadcastId;
 
