@@ -80,18 +80,15 @@ pub async fn run(
     });
     let mut latencies = Vec::new();
     let mut received = 0;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), sub.next_frame()).await {
-            Ok(Ok(Some(f))) => {
-                received += 1;
-                latencies.push(Duration::from_micros(
-                    unix_micros_now().saturating_sub(f.capture_time_us),
-                ));
-                if f.seq + 1 == frames {
-                    break;
-                }
-            }
-            _ => break,
+    while let Ok(Ok(Some(f))) =
+        tokio::time::timeout(Duration::from_secs(10), sub.next_frame()).await
+    {
+        received += 1;
+        latencies.push(Duration::from_micros(
+            unix_micros_now().saturating_sub(f.capture_time_us),
+        ));
+        if f.seq + 1 == frames {
+            break;
         }
     }
     producer.abort();
