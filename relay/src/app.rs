@@ -269,6 +269,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
     };
     let started = Instant::now();
     // SIGHUP's default action ends the process: take it over before anything else.
+    let reloader = ops.reloader.clone();
     let notifier = ops.start(&mut parts, &shutdown_rx);
 
     let (run_origin, run_relay, run_packager) = match command {
@@ -378,7 +379,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         metrics,
         started,
         packaging: packaging_ids.clone(),
-        auth: listener_auth(&cfg.relay.auth)?,
+        auth: std::sync::RwLock::new(Arc::new(listener_auth(&cfg.relay.auth)?)),
         limiter: std::sync::Mutex::new(tern_relay::limits::RateLimiter::new(
             cfg.relay.sessions_per_minute,
             cfg.relay.session_burst,
@@ -386,6 +387,38 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         admin_separate: admin_listener.is_some(),
         ingest,
     });
+    // Listener auth and rate limits apply on SIGHUP: rotate token keys without dropping anyone.
+    {
+        let (state, mut latest, mut stop) =
+            (state.clone(), reloader.subscribe(), shutdown_rx.clone());
+        parts.tasks.push((
+            "auth reload",
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tern_relay::stopped(&mut stop) => return,
+                        changed = latest.changed() => if changed.is_err() { return },
+                    }
+                    let cfg = latest.borrow_and_update().clone();
+                    match listener_auth(&cfg.relay.auth) {
+                        Ok(auth) => {
+                            *state.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
+                            info!(mode = ?cfg.relay.auth.mode, "listener auth reloaded");
+                        }
+                        // Keep the keys in force rather than lock everyone out or let all in.
+                        Err(e) => {
+                            error!("listener auth not reloaded, keeping the current keys: {e:#}")
+                        }
+                    }
+                    state
+                        .limiter
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reconfigure(cfg.relay.sessions_per_minute, cfg.relay.session_burst);
+                }
+            }),
+        ));
+    }
     if let Some(admin) = admin_listener {
         info!(addr = %admin.local_addr()?, "admin and metrics listening");
         parts.tasks.push((

@@ -50,8 +50,8 @@ pub struct HttpState {
     pub started: Instant,
     /// Broadcasts this process packages (for `/health`).
     pub packaging: Vec<String>,
-    /// Who may listen.
-    pub auth: crate::auth::Auth,
+    /// Who may listen; replaced on SIGHUP when token keys change.
+    pub auth: std::sync::RwLock<Arc<crate::auth::Auth>>,
     /// New-session rate limit per client.
     pub limiter: std::sync::Mutex<crate::limits::RateLimiter>,
     /// True when `/metrics` and `/admin/*` have their own listener.
@@ -254,7 +254,9 @@ async fn whep_post(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Err(denied) = st.auth.check(authorization, &broadcast) {
+    // Cloned out of the lock so a reload never waits on a request, nor a request on a reload.
+    let auth = st.auth.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Err(denied) = auth.check(authorization, &broadcast) {
         metrics::counter!("tern_relay_sessions_unauthorized_total").increment(1);
         let mut r = text(StatusCode::UNAUTHORIZED, denied.to_string());
         r.headers_mut()

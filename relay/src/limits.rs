@@ -36,6 +36,12 @@ impl RateLimiter {
         }
     }
 
+    /// Changes the rates (on reload); clients keep the tokens they have, up to the new burst.
+    pub fn reconfigure(&mut self, per_minute: u32, burst: u32) {
+        self.per_second = f64::from(per_minute) / 60.0;
+        self.burst = f64::from(burst.max(1));
+    }
+
     /// Takes one token for `ip`; false means "too many requests".
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         let key = key(ip);

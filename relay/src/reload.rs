@@ -17,7 +17,14 @@ use crate::Error;
 
 /// Keys that take effect on SIGHUP without a restart. A subsystem that starts applying a key
 /// live adds it here (and subscribes to [`Reloader`]).
-pub const LIVE_KEYS: &[&str] = &["log.level"];
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "relay.auth.mode",
+    "relay.auth.hs256_secret",
+    "relay.auth.public_key",
+    "relay.sessions_per_minute",
+    "relay.session_burst",
+];
 
 /// What a reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -177,3 +177,46 @@ fn patch_and_admin_listener() {
     drop(listener);
     demo.stop();
 }
+
+#[test]
+fn sighup_rotates_token_keys_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("tern-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("tern.toml");
+    let write = |secret: &str| {
+        std::fs::write(&conf, format!("[relay.auth]\nmode = \"jwt\"\nhs256_secret = \"{secret}\"\n")).unwrap();
+    };
+    write(SECRET);
+    let demo = Tern::start_with("demo", &["--config", conf.to_str().unwrap()], &[]);
+    let old = token("demo", 600);
+    let first = Listener::start(demo.addr, "demo", Some(&old)).expect("old key admitted");
+    first.wait_frames(10, Duration::from_secs(10));
+
+    let new_secret = "a-rotated-secret-also-long-enough";
+    write(new_secret);
+    demo.signal("HUP");
+    let new = encode(
+        &Header::default(),
+        &serde_json::json!({"broadcast": "demo", "exp": 4_000_000_000u64}),
+        &EncodingKey::from_secret(new_secret.as_bytes()),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Listener::start(demo.addr, "demo", Some(&new)) {
+            Ok(l) => {
+                l.wait_frames(10, Duration::from_secs(10));
+                break;
+            }
+            Err((401, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("new key refused: {e:?}"),
+        }
+    }
+    assert!(matches!(Listener::start(demo.addr, "demo", Some(&old)), Err((401, _))), "old key refused after rotation");
+    // The listener admitted under the old key was not cut off.
+    let before = first.count();
+    first.wait_frames(before + 25, Duration::from_secs(5));
+    drop(first);
+    demo.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
