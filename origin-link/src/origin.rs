@@ -125,11 +125,22 @@ pub struct Origin {
 impl Origin {
     /// Binds the QUIC server on `addr` (port 0 picks a free port).
     pub fn bind(addr: SocketAddr, identity: Identity, registry: Registry) -> Result<Self, Error> {
+        Self::bind_with(addr, identity, registry, None)
+    }
+
+    /// Like [`Origin::bind`]; with `client_roots`, subscribers must present a certificate
+    /// issued by one of them (mutual TLS), and any other peer is refused in the handshake.
+    pub fn bind_with(
+        addr: SocketAddr,
+        identity: Identity,
+        registry: Registry,
+        client_roots: Option<Vec<tls::CertificateDer<'static>>>,
+    ) -> Result<Self, Error> {
         let endpoint_config = tls::endpoint_config(&identity);
         let socket = std::net::UdpSocket::bind(addr)?;
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
-            Some(tls::server_config(identity)?),
+            Some(tls::server_config_with(identity, client_roots.as_deref())?),
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
@@ -153,7 +164,10 @@ impl Origin {
                         let remote = incoming.remote_address();
                         match incoming.await {
                             Ok(conn) => serve_connection(conn, registry).await,
-                            Err(e) => debug!(%remote, "origin-link handshake failed: {e}"),
+                            Err(e) => {
+                                metrics::counter!("tern_origin_link_refused_total").increment(1);
+                                warn!(%remote, "origin-link peer refused: {e}");
+                            }
                         }
                     });
                 }

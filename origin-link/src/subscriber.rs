@@ -37,13 +37,23 @@ impl Upstream {
         server_name: &str,
         roots: &[CertificateDer<'static>],
     ) -> Result<Self, Error> {
+        Self::with_identity(addr, server_name, roots, None)
+    }
+
+    /// Like [`Upstream::new`], presenting `identity` to an upstream that requires mutual TLS.
+    pub fn with_identity(
+        addr: SocketAddr,
+        server_name: &str,
+        roots: &[CertificateDer<'static>],
+        identity: Option<tls::Identity>,
+    ) -> Result<Self, Error> {
         let bind: SocketAddr = if addr.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let mut endpoint = quinn::Endpoint::client(bind)?;
-        endpoint.set_default_client_config(tls::client_config(roots)?);
+        endpoint.set_default_client_config(tls::client_config_with(roots, identity)?);
         Ok(Self {
             endpoint,
             addr,

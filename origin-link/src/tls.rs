@@ -165,38 +165,75 @@ pub fn endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
     config
 }
 
-/// The origin's QUIC server config.
+/// The origin's QUIC server config, accepting any client.
 pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig, Error> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport());
-    Ok(cfg)
+    server_config_with(identity, None)
 }
 
-/// A subscriber's QUIC client config trusting exactly `roots`.
-pub fn client_config(roots: &[CertificateDer<'static>]) -> Result<quinn::ClientConfig, Error> {
+fn root_store(roots: &[CertificateDer<'static>]) -> Result<rustls::RootCertStore, Error> {
     let mut store = rustls::RootCertStore::empty();
     for c in roots {
         store
             .add(c.clone())
             .map_err(|e| Error::Tls(format!("trusted certificate: {e}")))?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    Ok(store)
+}
+
+/// The origin's QUIC server config; with `client_roots`, only subscribers presenting a
+/// certificate issued by one of them complete the handshake (mutual TLS).
+pub fn server_config_with(
+    identity: Identity,
+    client_roots: Option<&[CertificateDer<'static>]>,
+) -> Result<quinn::ServerConfig, Error> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?
-        .with_root_certificates(store)
-        .with_no_client_auth();
+        .map_err(tls_err)?;
+    let builder = match client_roots {
+        Some(roots) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(root_store(roots)?),
+                provider(),
+            )
+            .build()
+            .map_err(tls_err)?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(tls_err)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| Error::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// A subscriber's QUIC client config trusting exactly `roots`, without a client certificate.
+pub fn client_config(roots: &[CertificateDer<'static>]) -> Result<quinn::ClientConfig, Error> {
+    client_config_with(roots, None)
+}
+
+/// A subscriber's QUIC client config trusting exactly `roots`, presenting `identity` to
+/// upstreams that require mutual TLS.
+pub fn client_config_with(
+    roots: &[CertificateDer<'static>],
+    identity: Option<Identity>,
+) -> Result<quinn::ClientConfig, Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_root_certificates(root_store(roots)?);
+    let mut tls = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(tls_err)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport());
     Ok(cfg)

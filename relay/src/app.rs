@@ -310,7 +310,12 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
 
     let mut relay = None;
     if run_relay {
-        let upstream = Upstream::new(cfg.upstream.addr, &cfg.upstream.server_name, &roots)?;
+        let upstream = Upstream::with_identity(
+            cfg.upstream.addr,
+            &cfg.upstream.server_name,
+            &roots,
+            client_identity(&cfg)?,
+        )?;
         let (r, task) = node::Relay::start(
             cfg.relay.webrtc_listen,
             cfg.relay.announce,
@@ -338,10 +343,11 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         };
         std::fs::create_dir_all(&out)
             .with_context(|| format!("creating the HLS folder {}", out.display()))?;
-        let upstream = Arc::new(Upstream::new(
+        let upstream = Arc::new(Upstream::with_identity(
             cfg.upstream.addr,
             &cfg.upstream.server_name,
             &roots,
+            client_identity(&cfg)?,
         )?);
         for b in &cfg.packager.broadcasts {
             let id: BroadcastId = b.parse()?;
@@ -462,6 +468,15 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
     Ok(())
 }
 
+/// The certificate a relay or packager presents to its upstream, if configured.
+fn client_identity(cfg: &Config) -> Result<Option<Identity>> {
+    match (&cfg.upstream.cert, &cfg.upstream.key) {
+        (Some(c), Some(k)) => Ok(Some(Identity::from_pem_files(c, k)?)),
+        (None, None) => Ok(None),
+        _ => bail!("upstream.cert and upstream.key must be set together"),
+    }
+}
+
 fn listener_auth(cfg: &config::AuthConfig) -> Result<tern_relay::auth::Auth> {
     use tern_relay::auth::{Auth, Verifier};
     Ok(match cfg.mode {
@@ -533,7 +548,11 @@ async fn start_origin(
             }),
         ));
     }
-    let origin = Origin::bind(cfg.origin.listen, identity, registry.clone())?;
+    let client_roots = match &cfg.origin.client_ca {
+        Some(path) => Some(tls::load_certs(path)?),
+        None => None,
+    };
+    let origin = Origin::bind_with(cfg.origin.listen, identity, registry.clone(), client_roots)?;
     let addr = origin.local_addr()?;
     info!(%addr, "origin listening (QUIC)");
     let mut stop = shutdown;

@@ -106,6 +106,9 @@ pub struct OriginConfig {
     pub key: Option<PathBuf>,
     /// Where to write the (self-signed) certificate so relays can be told to trust it.
     pub cert_out: Option<PathBuf>,
+    /// PEM CA (e.g. `ca.pem` from `tern certs`): when set, relays and packagers must present
+    /// a certificate it issued (mutual TLS); any other peer is refused and logged.
+    pub client_ca: Option<PathBuf>,
     /// Broadcast ids published from the built-in test source.
     pub test_broadcasts: Vec<String>,
     /// Channels of the test source (1 or 2).
@@ -135,6 +138,7 @@ impl Default for OriginConfig {
             cert: None,
             key: None,
             cert_out: None,
+            client_ca: None,
             test_broadcasts: vec!["demo".into()],
             channels: 2,
             bitrate: 64_000,
@@ -154,6 +158,10 @@ pub struct UpstreamConfig {
     pub server_name: String,
     /// PEM file of the certificate(s) or CA to trust for the upstream.
     pub ca: Option<PathBuf>,
+    /// This node's PEM certificate, presented to an upstream that requires mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert`.
+    pub key: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -162,6 +170,8 @@ impl Default for UpstreamConfig {
             addr: ([127, 0, 0, 1], 4443).into(),
             server_name: "localhost".into(),
             ca: None,
+            cert: None,
+            key: None,
         }
     }
 }

@@ -184,7 +184,11 @@ fn sighup_rotates_token_keys_without_a_restart() {
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("tern.toml");
     let write = |secret: &str| {
-        std::fs::write(&conf, format!("[relay.auth]\nmode = \"jwt\"\nhs256_secret = \"{secret}\"\n")).unwrap();
+        std::fs::write(
+            &conf,
+            format!("[relay.auth]\nmode = \"jwt\"\nhs256_secret = \"{secret}\"\n"),
+        )
+        .unwrap();
     };
     write(SECRET);
     let demo = Tern::start_with("demo", &["--config", conf.to_str().unwrap()], &[]);
@@ -208,11 +212,19 @@ fn sighup_rotates_token_keys_without_a_restart() {
                 l.wait_frames(10, Duration::from_secs(10));
                 break;
             }
-            Err((401, _)) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err((401, _)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
             Err(e) => panic!("new key refused: {e:?}"),
         }
     }
-    assert!(matches!(Listener::start(demo.addr, "demo", Some(&old)), Err((401, _))), "old key refused after rotation");
+    assert!(
+        matches!(
+            Listener::start(demo.addr, "demo", Some(&old)),
+            Err((401, _))
+        ),
+        "old key refused after rotation"
+    );
     // The listener admitted under the old key was not cut off.
     let before = first.count();
     first.wait_frames(before + 25, Duration::from_secs(5));

@@ -131,3 +131,68 @@ fn listeners_survive_a_ten_second_link_cut() {
     origin.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_origin_refuses_relays_without_a_fleet_certificate() {
+    let dir = std::env::temp_dir().join(format!("tern-mtls-{}", std::process::id()));
+    pki(&dir);
+    let ok = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["certs", "--dir"])
+        .arg(&dir)
+        .args(["relay-1", "relay-1.example.net"])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let origin_addr = free_udp();
+    let mut env = origin_env(&dir, origin_addr);
+    env.push((
+        "TERN_ORIGIN__CLIENT_CA",
+        dir.join("ca.pem").display().to_string(),
+    ));
+    let origin = Tern::start("origin", &env);
+    let ca = (
+        "TERN_UPSTREAM__CA",
+        dir.join("ca.pem").display().to_string(),
+    );
+
+    let anonymous = Tern::start(
+        "relay",
+        &[("TERN_UPSTREAM__ADDR", origin_addr.to_string()), ca.clone()],
+    );
+    match Listener::start(anonymous.addr, "demo", None) {
+        Err((502, body)) => assert!(!body.is_empty()),
+        other => panic!(
+            "expected 502 from a relay the origin refuses, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    let (_, metrics) = origin.get("/metrics");
+    assert!(
+        common::text(metrics).contains("tern_origin_link_refused_total"),
+        "the refusal is counted"
+    );
+
+    let member = Tern::start(
+        "relay",
+        &[
+            ("TERN_UPSTREAM__ADDR", origin_addr.to_string()),
+            ca,
+            (
+                "TERN_UPSTREAM__CERT",
+                dir.join("relay-1.pem").display().to_string(),
+            ),
+            (
+                "TERN_UPSTREAM__KEY",
+                dir.join("relay-1-key.pem").display().to_string(),
+            ),
+        ],
+    );
+    let listener = Listener::start(member.addr, "demo", None).expect("a fleet relay is served");
+    listener.wait_frames(50, Duration::from_secs(10));
+    drop(listener);
+    member.stop();
+    anonymous.stop();
+    origin.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
