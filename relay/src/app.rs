@@ -12,7 +12,7 @@ use tern_origin_link::tls::CertificateDer;
 use tern_origin_link::tls::{self, Identity};
 use tern_origin_link::{BroadcastId, Origin, Registry, Upstream};
 use tern_relay::config::{self, Config, Overrides};
-use tern_relay::{http, node, packaging};
+use tern_relay::{http, node, packaging, router};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -43,6 +43,9 @@ enum Command {
     Relay,
     /// A packager: pulls packager.broadcasts from upstream.* and writes HLS to packager.out_dir.
     Package,
+    /// A geo-router: sends each listener to the nearest relay of router.fleet with room
+    /// (`POST /whep/{b}` → 307, `GET /v1/route/{b}`), or to the CDN's HLS.
+    Router,
     /// Loads the configuration, reports what is wrong or prints the effective values.
     CheckConfig,
 }
@@ -127,6 +130,7 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
         Command::Origin => (true, false, false),
         Command::Relay => (false, true, false),
         Command::Package => (false, false, true),
+        Command::Router => (false, false, false),
         Command::CheckConfig => unreachable!("handled before the runtime starts"),
     };
 
@@ -208,6 +212,30 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding HTTP {}", cfg.http.listen))?;
     let http_addr = listener.local_addr()?;
+
+    // The demo routes its listeners too, to its own relay, so the page's player takes the
+    // same path as in production.
+    if matches!(command, Command::Demo) && cfg.router.fleet.is_empty() {
+        cfg.router.fleet = vec![config::FleetRelay {
+            id: "local".into(),
+            region: "local".into(),
+            url: format!("http://{http_addr}"),
+            latitude: 0.0,
+            longitude: 0.0,
+            capacity: cfg.relay.max_listeners,
+            health_url: None,
+        }];
+        cfg.router.default_region = "local".into();
+    }
+    let router = match command {
+        Command::Router if cfg.router.fleet.is_empty() => {
+            bail!("router.fleet is empty: list the relays to route listeners to")
+        }
+        Command::Router | Command::Relay | Command::Demo if !cfg.router.fleet.is_empty() => {
+            Some(router::Router::new(&cfg.router)?)
+        }
+        _ => None,
+    };
     let state = Arc::new(http::HttpState {
         relay,
         hls_root,
@@ -216,11 +244,16 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
         metrics,
         started,
         packaging: packaging_ids.clone(),
+        router: router.clone(),
     });
+    // Serve first: in the demo the router polls this very server.
     parts.tasks.push((
         "http",
         tokio::spawn(http::serve(listener, state, shutdown_rx.clone())),
     ));
+    if let Some(r) = &router {
+        parts.tasks.extend(r.start(shutdown_rx.clone()).await);
+    }
 
     print_banner(&command, http_addr, &cfg, &packaging_ids);
     wait_for_signal().await;
@@ -318,6 +351,10 @@ fn print_banner(command: &Command, http: std::net::SocketAddr, cfg: &Config, pac
             }
         }
         Command::Origin => println!("  origin (QUIC): {}", cfg.origin.listen),
+        Command::Router => {
+            println!("  route:         {base}/v1/route/{{broadcast}}");
+            println!("  WHEP (307):    {base}/whep/{{broadcast}}");
+        }
         Command::CheckConfig => {}
     }
     println!("  health:        {base}/health");
