@@ -35,9 +35,15 @@ pub struct Tern {
 impl Tern {
     /// Starts `tern <command>` with extra environment, and waits for `/health`.
     pub fn start(command: &str, env: &[(&str, String)]) -> Self {
+        Self::start_with_args(command, &[], env)
+    }
+
+    /// As [`Tern::start`], with extra flags (e.g. `--config PATH`).
+    pub fn start_with_args(command: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let addr = free_tcp();
         let child = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args([command, "--http", &addr.to_string()])
+            .args(args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
