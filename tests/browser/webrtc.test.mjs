@@ -41,6 +41,10 @@ test("page connects over WebRTC and receives Opus audio", { timeout: 60_000 }, a
   }
   const state = await page.getAttribute("#status", "data-state");
   assert.equal(state, "connected", `status: ${await page.textContent("#status")}${context()}`);
+  // The page asked the router (the demo routes to its own relay) before listening.
+  const route = await page.evaluate(() => window.tern.route);
+  assert.equal(route && route.tier, "webrtc", `route: ${JSON.stringify(route)}`);
+  assert.equal(route.relay_id, "local", `route: ${JSON.stringify(route)}`);
 
   // First packet, then sample for 3 s.
   await waitFor(async () => (await stats()).packetsReceived > 0, {
