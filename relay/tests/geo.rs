@@ -234,6 +234,18 @@ fleet = [
         .unwrap()
         .contains("https://cdn.example.net/hls/demo/master.m3u8"));
 
+    // SIGHUP reloads the databases; the router keeps answering (the default action would
+    // have ended the process).
+    let pid = router.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(200));
+    let v = route(&router, "81.2.69.142", "?passive=1");
+    assert_eq!(v["tier"], "hls");
+
     router.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
