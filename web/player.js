@@ -2,7 +2,8 @@
 // window.TernPlayer, the pieces a listener page needs to
 //   1. ask the router where to listen (GET /v1/route/{broadcast}),
 //   2. listen over WHEP at the relay it names (a POST that may be 307-redirected),
-//   3. notice when that relay drains or dies (ICE disconnected/failed) and route again,
+//   3. notice when that relay drains or dies (ICE disconnected/failed, or the audio packets
+//      stop) and route again,
 //   4. play HLS when told to (passive listening, relays full) or when WebRTC fails.
 // The demo page (/) uses it; any page can: see docs/routing.md.
 "use strict";
@@ -13,6 +14,8 @@
   // More re-routes than this within REROUTE_WINDOW_MS: stop trying WebRTC, play HLS.
   const MAX_REROUTES = 3;
   const REROUTE_WINDOW_MS = 30_000;
+  // No audio packet for this long (after the first) counts as losing the relay.
+  const STALL_MS = 2000;
 
   /**
    * Where to listen: { tier: "webrtc"|"hls", url, relay_id, region, reason }.
@@ -92,5 +95,36 @@
     pc.addEventListener("connectionstatechange", check);
   }
 
-  window.TernPlayer = { route, whep, watch, rerouteBudget, REROUTE_MS };
+  /**
+   * Calls onStall() once when audio packets stop arriving for STALL_MS after they had
+   * started. A relay killed outright is only reported by ICE after its consent checks time
+   * out (about 6 s in Chromium); the packet flow says so sooner. Opus DTX still sends a
+   * packet every 400 ms in silence, so 2 s without one is not a quiet speaker. Returns a
+   * function that stops watching.
+   */
+  function watchFlow(pc, onStall, { stallMs = STALL_MS, everyMs = 250 } = {}) {
+    let last = -1, since = Date.now(), done = false;
+    const timer = setInterval(async () => {
+      if (done || pc.connectionState === "closed") { clearInterval(timer); return; }
+      let received = 0;
+      try {
+        const report = await pc.getStats();
+        report.forEach((s) => {
+          if (s.type === "inbound-rtp" && (s.kind === "audio" || s.mediaType === "audio")) {
+            received += s.packetsReceived || 0;
+          }
+        });
+      } catch { return; }
+      const now = Date.now();
+      if (received !== last) { last = received; since = now; return; }
+      if (received > 0 && now - since >= stallMs) {
+        done = true;
+        clearInterval(timer);
+        onStall();
+      }
+    }, everyMs);
+    return () => { done = true; clearInterval(timer); };
+  }
+
+  window.TernPlayer = { route, whep, watch, watchFlow, rerouteBudget, REROUTE_MS, STALL_MS };
 })();
