@@ -216,14 +216,20 @@ async fn run(command: Command, mut cfg: Config) -> Result<()> {
     // The demo routes its listeners too, to its own relay, so the page's player takes the
     // same path as in production.
     if matches!(command, Command::Demo) && cfg.router.fleet.is_empty() {
+        // Polled over loopback; offered to listeners as a path on this same server, so the
+        // page works whatever address the browser reached it by (even with --http 0.0.0.0:…).
+        let mut poll = http_addr;
+        if poll.ip().is_unspecified() {
+            poll.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         cfg.router.fleet = vec![config::FleetRelay {
             id: "local".into(),
             region: "local".into(),
-            url: format!("http://{http_addr}"),
+            url: String::new(),
             latitude: 0.0,
             longitude: 0.0,
             capacity: cfg.relay.max_listeners,
-            health_url: None,
+            health_url: Some(format!("http://{poll}/health")),
         }];
         cfg.router.default_region = "local".into();
     }
