@@ -249,3 +249,78 @@ fleet = [
     router.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A stand-in relay that answers `GET /health` with whatever `body` holds now.
+fn fake_relay(body: Arc<std::sync::Mutex<String>>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let b = body.lock().unwrap().clone();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                b.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_draining_relay_takes_no_new_listeners_but_its_listeners_still_count() {
+    let ok = |n: usize| {
+        format!(
+            r#"{{"status":"ok","listeners":{{"total":{n},"per_broadcast":{{"demo":{n}}},"capacity":100}}}}"#
+        )
+    };
+    let near = Arc::new(std::sync::Mutex::new(ok(1)));
+    let far = Arc::new(std::sync::Mutex::new(ok(0)));
+    let (near_addr, far_addr) = (fake_relay(near.clone()), fake_relay(far.clone()));
+    let dir = std::env::temp_dir().join(format!("tern-geo-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[router]
+default_region = "eu"
+poll_interval_ms = {POLL_MS}
+trusted_proxies = ["127.0.0.1"]
+relay_activation_threshold = 0
+cdn_switch_threshold = 3
+fleet = [
+  {{ id = "near", region = "eu", url = "http://{near_addr}", latitude = 51.5, longitude = -0.1, capacity = 100 }},
+  {{ id = "far", region = "us", url = "http://{far_addr}", latitude = 47.6, longitude = -122.3, capacity = 100 }},
+]
+"#
+        ),
+    )
+    .unwrap();
+    let router = Tern::start_with_args("router", &["--config", config.to_str().unwrap()], &[]);
+    assert_eq!(relay_of(&route(&router, "10.0.0.1", "")), "near");
+
+    // The relay starts draining: new listeners go elsewhere from the next poll on.
+    *near.lock().unwrap() = format!(
+        r#"{{"status":"draining","draining":true,"listeners":{{"total":2,"per_broadcast":{{"demo":2}},"capacity":100}}}}"#
+    );
+    let took = route_until(&router, "10.0.0.1", Duration::from_secs(3), |v| {
+        relay_of(v) == "far"
+    });
+    assert!(
+        took <= Duration::from_millis(POLL_MS + 250),
+        "drain seen after {took:?}"
+    );
+    // Its two listeners still count toward the CDN switch (3): one more WebRTC listener
+    // elsewhere reaches it.
+    *far.lock().unwrap() = ok(1);
+    route_until(&router, "10.0.0.1", Duration::from_secs(3), |v| {
+        v["reason"] == "cdn_switch_threshold"
+    });
+
+    router.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
