@@ -304,9 +304,7 @@ fleet = [
     assert_eq!(relay_of(&route(&router, "10.0.0.1", "")), "near");
 
     // The relay starts draining: new listeners go elsewhere from the next poll on.
-    *near.lock().unwrap() = format!(
-        r#"{{"status":"draining","draining":true,"listeners":{{"total":2,"per_broadcast":{{"demo":2}},"capacity":100}}}}"#
-    );
+    *near.lock().unwrap() = r#"{"status":"draining","draining":true,"listeners":{"total":2,"per_broadcast":{"demo":2},"capacity":100}}"#.to_string();
     let took = route_until(&router, "10.0.0.1", Duration::from_secs(3), |v| {
         relay_of(v) == "far"
     });
