@@ -126,7 +126,13 @@ test("Stop ends the WHEP session", { timeout: 20_000 }, async () => {
   assert.ok(session && new URL(session).pathname.startsWith(`/whep/${BROADCAST}/`),
     `Location of the session: ${session}`);
   await page.getByRole("button", { name: "Stop", exact: true }).click();
-  assert.equal(await page.evaluate(() => window.tern.pc.connectionState), "closed");
+  // The page closes the connection once the relay has answered the DELETE (see teardown in
+  // web/index.html), so not necessarily by the time the click returns: a loaded machine
+  // made an immediate check fail.
+  await waitFor(() => page.evaluate(() => window.tern.pc.connectionState === "closed"), {
+    timeoutMs: 3_000,
+    what: "the peer connection to close after Stop",
+  });
 
   let last;
   try {
