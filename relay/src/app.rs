@@ -14,7 +14,7 @@ use tern_origin_link::{BroadcastId, Origin, Registry, Upstream};
 use tern_relay::config::{self, Config, Overrides};
 use tern_relay::reload::Reloader;
 use tern_relay::sdnotify::{self, Notifier};
-use tern_relay::{http, node, packaging};
+use tern_relay::{http, node, packaging, router};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -45,6 +45,9 @@ enum Command {
     Relay,
     /// A packager: pulls packager.broadcasts from upstream.* and writes HLS to packager.out_dir.
     Package,
+    /// A geo-router: sends each listener to the nearest relay of router.fleet with room
+    /// (`POST /whep/{b}` → 307, `GET /v1/route/{b}`), or to the CDN's HLS.
+    Router,
     /// Loads the configuration, reports what is wrong or prints the effective values.
     CheckConfig,
     /// Makes a fleet CA in DIR (once) and a certificate for NAME signed by it, valid for the
@@ -277,6 +280,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         Command::Origin => (true, false, false),
         Command::Relay => (false, true, false),
         Command::Package => (false, false, true),
+        Command::Router => (false, false, false),
         Command::CheckConfig | Command::Certs { .. } => {
             unreachable!("handled before the runtime starts")
         }
@@ -377,6 +381,36 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         ),
         None => None,
     };
+
+    // The demo routes its listeners too, to its own relay, so the page's player takes the
+    // same path as in production.
+    if matches!(command, Command::Demo) && cfg.router.fleet.is_empty() {
+        // Polled over loopback; offered to listeners as a path on this same server, so the
+        // page works whatever address the browser reached it by (even with --http 0.0.0.0:…).
+        let mut poll = http_addr;
+        if poll.ip().is_unspecified() {
+            poll.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        cfg.router.fleet = vec![config::FleetRelay {
+            id: "local".into(),
+            region: "local".into(),
+            url: String::new(),
+            latitude: 0.0,
+            longitude: 0.0,
+            capacity: cfg.relay.max_listeners,
+            health_url: Some(format!("http://{poll}/health")),
+        }];
+        cfg.router.default_region = "local".into();
+    }
+    let router = match command {
+        Command::Router if cfg.router.fleet.is_empty() => {
+            bail!("router.fleet is empty: list the relays to route listeners to")
+        }
+        Command::Router | Command::Relay | Command::Demo if !cfg.router.fleet.is_empty() => {
+            Some(router::Router::new(&cfg.router)?)
+        }
+        _ => None,
+    };
     let state = Arc::new(http::HttpState {
         relay: relay.clone(),
         hls_root,
@@ -392,6 +426,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         )),
         admin_separate: admin_listener.is_some(),
         ingest,
+        router: router.clone(),
     });
     // Listener auth and rate limits apply on SIGHUP: rotate token keys without dropping anyone.
     {
@@ -437,6 +472,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
             )),
         ));
     }
+    // Serve first: in the demo the router polls this very server.
     parts.tasks.push((
         "http",
         tokio::spawn(http::serve(
@@ -446,6 +482,9 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
             shutdown_rx.clone(),
         )),
     ));
+    if let Some(r) = &router {
+        parts.tasks.extend(r.start(shutdown_rx.clone()).await);
+    }
 
     print_banner(&command, http_addr, &cfg, &packaging_ids);
     if let Some(n) = &notifier {
@@ -612,6 +651,10 @@ fn print_banner(command: &Command, http: std::net::SocketAddr, cfg: &Config, pac
             }
         }
         Command::Origin => println!("  origin (QUIC): {}", cfg.origin.listen),
+        Command::Router => {
+            println!("  route:         {base}/v1/route/{{broadcast}}");
+            println!("  WHEP (307):    {base}/whep/{{broadcast}}");
+        }
         Command::CheckConfig | Command::Certs { .. } => {}
     }
     println!("  health:        {base}/health");

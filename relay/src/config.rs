@@ -31,6 +31,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The HLS packager.
     pub packager: PackagerSection,
+    /// Geo-routing of listeners to relays or the CDN (`tern router`, or any relay).
+    pub router: RouterConfig,
     /// Logging; `level` can change live on SIGHUP.
     pub log: LogConfig,
 }
@@ -297,6 +299,90 @@ impl PackagerSection {
     }
 }
 
+/// One relay of the fleet the router sends listeners to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetRelay {
+    /// Unique id, e.g. "eu-1".
+    pub id: String,
+    /// Region name, e.g. "eu".
+    pub region: String,
+    /// Public base URL listeners reach, e.g. `https://relay-1.eu.example.net`.
+    pub url: String,
+    /// Where the relay is, degrees.
+    pub latitude: f64,
+    /// Where the relay is, degrees.
+    pub longitude: f64,
+    /// Listeners it takes (its own `relay.max_listeners` also applies, whichever is lower).
+    pub capacity: usize,
+    /// Where the router polls its health, plain `http://` (e.g. over the private network).
+    /// Default: `{url}/health`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_url: Option<String>,
+}
+
+impl FleetRelay {
+    /// The URL the router polls.
+    pub fn health_url(&self) -> String {
+        match &self.health_url {
+            Some(u) => u.clone(),
+            None => format!("{}/health", self.url.trim_end_matches('/')),
+        }
+    }
+}
+
+/// `[router]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// The relays to route to. Empty: no router in `tern relay`; `tern router` needs one.
+    pub fleet: Vec<FleetRelay>,
+    /// Region for clients of unknown location; must be some relay's region.
+    pub default_region: String,
+    /// Continent code (EU, NA, AS, ...) → region, for clients with a continent but no
+    /// coordinates in the database.
+    pub continent_regions: std::collections::BTreeMap<String, String>,
+    /// Below this many WebRTC listeners of a broadcast, new listeners join relays already
+    /// carrying it rather than activating more relays.
+    pub relay_activation_threshold: usize,
+    /// At this many WebRTC listeners of a broadcast, new listeners go to HLS. 0: never.
+    pub cdn_switch_threshold: usize,
+    /// Fraction of a relay's capacity above which it takes no new listeners.
+    pub load_threshold: f64,
+    /// HLS URL for listeners sent to the CDN; `{broadcast}` is replaced.
+    pub cdn_hls_url: String,
+    /// How often each relay's `/health` is polled, milliseconds.
+    pub poll_interval_ms: u64,
+    /// Peers whose `X-Forwarded-For` is believed: IP addresses or CIDR blocks.
+    pub trusted_proxies: Vec<String>,
+    /// GeoIP databases. None: every client is of unknown location (default region).
+    pub mmdb: tern_geoip::MmdbPaths,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            fleet: Vec::new(),
+            default_region: String::new(),
+            continent_regions: Default::default(),
+            relay_activation_threshold: 200,
+            cdn_switch_threshold: 100,
+            load_threshold: 0.9,
+            cdn_hls_url: "/hls/{broadcast}/master.m3u8".into(),
+            poll_interval_ms: 2000,
+            trusted_proxies: Vec::new(),
+            mmdb: Default::default(),
+        }
+    }
+}
+
+impl RouterConfig {
+    /// The poll interval.
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+}
+
 /// Flags that override the file and the environment. Only flags actually given apply, so a
 /// flag never clobbers a file value with a default.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -438,6 +524,60 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     }
     if c.relay.max_listeners == 0 {
         return Err(("relay.max_listeners", "must be at least 1".into()));
+    }
+    validate_router(&c.router).map_err(|m| ("router", m))
+}
+
+fn validate_router(r: &RouterConfig) -> Result<(), String> {
+    let mut ids = std::collections::BTreeSet::new();
+    for f in &r.fleet {
+        if !ids.insert(f.id.as_str()) {
+            return Err(format!("router.fleet: relay id {:?} appears twice", f.id));
+        }
+        if !(f.url.starts_with("http://") || f.url.starts_with("https://")) {
+            return Err(format!(
+                "router.fleet {}: url must start with http:// or https://",
+                f.id
+            ));
+        }
+        let health = f.health_url();
+        if !health.starts_with("http://") || health.parse::<hyper::Uri>().is_err() {
+            return Err(format!(
+                "router.fleet {}: health is polled over plain http; set health_url (got {health:?})",
+                f.id
+            ));
+        }
+        if tern_geoip::lookup::Coords::new(f.latitude, f.longitude).is_none() {
+            return Err(format!(
+                "router.fleet {}: latitude/longitude out of range",
+                f.id
+            ));
+        }
+        if f.capacity == 0 {
+            return Err(format!(
+                "router.fleet {}: capacity must be at least 1",
+                f.id
+            ));
+        }
+    }
+    if !r.fleet.is_empty() && !r.fleet.iter().any(|f| f.region == r.default_region) {
+        return Err(format!(
+            "router.default_region {:?} is not the region of any relay in router.fleet",
+            r.default_region
+        ));
+    }
+    if !(r.load_threshold > 0.0 && r.load_threshold <= 1.0) {
+        return Err("router.load_threshold must be in (0, 1]".into());
+    }
+    if !r.cdn_hls_url.contains("{broadcast}") {
+        return Err("router.cdn_hls_url must contain {broadcast}".into());
+    }
+    if r.poll_interval_ms < 100 {
+        return Err("router.poll_interval_ms must be at least 100".into());
+    }
+    for p in &r.trusted_proxies {
+        p.parse::<crate::router::Cidr>()
+            .map_err(|e| format!("router.trusted_proxies: {e}"))?;
     }
     Ok(())
 }
@@ -695,5 +835,55 @@ mod tests {
         assert_eq!(l.filter(), "str0m=warn,quinn=warn,info");
         l.level = "debug,str0m=debug".into();
         assert_eq!(l.filter(), "quinn=warn,debug,str0m=debug");
+    }
+
+    #[test]
+    fn router_section() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "r.toml",
+                r#"
+[router]
+default_region = "eu"
+poll_interval_ms = 500
+trusted_proxies = ["127.0.0.1", "10.0.0.0/8", "::1"]
+cdn_hls_url = "https://cdn.example.net/hls/{broadcast}/master.m3u8"
+mmdb = { city = "/var/lib/tern/GeoLite2-City.mmdb" }
+fleet = [
+  { id = "eu-1", region = "eu", url = "https://relay-1.eu.example.net", latitude = 50.1, longitude = 8.7, capacity = 1000, health_url = "http://10.0.1.5:8080/health" },
+  { id = "us-1", region = "us", url = "http://192.0.2.10:8080", latitude = 39.0, longitude = -77.5, capacity = 500 },
+]
+"#,
+            )?;
+            let c = load(Some(Path::new("r.toml")), &Overrides::default()).unwrap();
+            let r = &c.router;
+            assert_eq!(r.fleet.len(), 2);
+            assert_eq!(r.fleet[0].health_url(), "http://10.0.1.5:8080/health");
+            assert_eq!(r.fleet[1].health_url(), "http://192.0.2.10:8080/health");
+            assert_eq!(r.relay_activation_threshold, 200, "runbook default");
+            assert_eq!(r.cdn_switch_threshold, 100, "runbook default");
+            assert_eq!(r.poll_interval(), Duration::from_millis(500));
+            assert!(r.mmdb.ipv4.is_none());
+
+            jail.set_env("TERN_ROUTER__LOAD_THRESHOLD", "0.75");
+            let c = load(Some(Path::new("r.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.router.load_threshold, 0.75);
+
+            // An https relay with no plain-http health URL cannot be polled.
+            jail.create_file("h.toml", "[router]\ndefault_region = \"ap\"\nfleet = [{ id = \"ap-1\", region = \"ap\", url = \"https://x\", latitude = 1.0, longitude = 1.0, capacity = 1 }]\n")?;
+            let e = load(Some(Path::new("h.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("health_url"), "{e}");
+            jail.create_file("u.toml", "[router]\nfleets = []\n")?;
+            let e = load(Some(Path::new("u.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("fleets"), "{e}");
+            jail.create_file("p.toml", "[router]\ntrusted_proxies = [\"10.0.0.0/33\"]\n")?;
+            assert!(load(Some(Path::new("p.toml")), &Overrides::default()).is_err());
+            jail.create_file("d.toml", "[router]\ndefault_region = \"mars\"\nfleet = [{ id = \"a\", region = \"eu\", url = \"http://a\", latitude = 0.0, longitude = 0.0, capacity = 1 }]\n")?;
+            let e = load(Some(Path::new("d.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("default_region"), "{e}");
+            Ok(())
+        });
     }
 }

@@ -24,10 +24,14 @@ use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::node::Relay;
+use crate::router::Router;
 use crate::Error;
 
 /// The listener page, built into the binary so the demo needs no files beside it.
 const INDEX_HTML: &str = include_str!("../../web/index.html");
+
+/// The listener's player (route, WHEP, HLS fallback, re-route), built in like the page.
+const PLAYER_JS: &str = include_str!("../../web/player.js");
 
 /// Where hls.js sits inside `http.web_dir` (installed from npm by `scripts/setup`).
 const HLS_JS: &str = "node_modules/hls.js/dist/hls.min.js";
@@ -58,6 +62,8 @@ pub struct HttpState {
     pub admin_separate: bool,
     /// RTP ingest endpoints, if this process is an origin, and the address new ones bind to.
     pub ingest: Option<(Arc<IngestManager>, std::net::IpAddr)>,
+    /// The geo-router, if this process routes (`tern router`, or a relay with a fleet).
+    pub router: Option<Arc<Router>>,
 }
 
 /// Which listener a request came in on.
@@ -142,6 +148,16 @@ async fn route(
             Response::new(Body::from(INDEX_HTML)),
             "text/html; charset=utf-8",
         ),
+        (Method::GET, ["player.js"]) => {
+            let mut r = with_type(Response::new(Body::from(PLAYER_JS)), "text/javascript");
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+        (Method::GET, ["v1", "route", b]) => route_json(&req, st, b, peer),
+        (Method::POST, ["whep", b]) if st.relay.is_none() && st.router.is_some() => {
+            whep_redirect(&req, st, b, peer)
+        }
         (Method::GET, ["vendor", "hls.min.js"]) => {
             serve_file(&st.web_dir.join(HLS_JS), "text/javascript", "max-age=3600").await
         }
@@ -190,7 +206,17 @@ async fn route(
             r
         }
         (Method::GET, ["hls", b, rest @ ..]) => hls(st, b, rest).await,
-        (_, [""] | ["health"] | ["metrics"] | ["hls", ..] | ["vendor", ..] | ["whep", ..]) => {
+        (
+            _,
+            [""]
+            | ["health"]
+            | ["metrics"]
+            | ["hls", ..]
+            | ["vendor", ..]
+            | ["whep", ..]
+            | ["v1", "route", _]
+            | ["player.js"],
+        ) => {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not allowed on {path}"),
@@ -214,6 +240,98 @@ async fn route(
     );
     debug!(%peer, %method, %path, status = resp.status().as_u16(), "http");
     resp
+}
+
+/// The router's answer for the client of this request.
+fn decide_for(
+    req: &Request<Incoming>,
+    router: &Router,
+    broadcast: &BroadcastId,
+    peer: SocketAddr,
+    passive: bool,
+) -> tern_geoip::Decision {
+    let xff = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let client = router.client_ip(peer.ip(), xff);
+    router.route(broadcast, client, passive)
+}
+
+/// `GET /v1/route/{broadcast}[?passive=1]`: JSON {tier, url, relay_id, region, reason}.
+fn route_json(
+    req: &Request<Incoming>,
+    st: &HttpState,
+    b: &str,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let Some(router) = &st.router else {
+        return text(StatusCode::NOT_FOUND, "this node does not route listeners");
+    };
+    let broadcast: BroadcastId = match b.parse() {
+        Ok(b) => b,
+        Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
+    };
+    let passive = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "passive" | "passive=1" | "passive=true"))
+    });
+    let d = decide_for(req, router, &broadcast, peer, passive);
+    let mut r = with_type(
+        Response::new(Body::from(serde_json::to_vec(&d).unwrap_or_default())),
+        "application/json",
+    );
+    // A decision depends on the client and on the fleet's load right now.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `POST /whep/{broadcast}` on a router with no relay of its own: 307 to the chosen relay's
+/// WHEP endpoint. 307 (not 302/303) because the client must repeat the POST with the same
+/// offer (RFC 7231 6.4.7). With no relay to offer, 503 and a `Link` to the HLS URL.
+fn whep_redirect(
+    req: &Request<Incoming>,
+    st: &HttpState,
+    b: &str,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let Some(router) = &st.router else {
+        return text(StatusCode::NOT_FOUND, "this node does not route listeners");
+    };
+    let broadcast: BroadcastId = match b.parse() {
+        Ok(b) => b,
+        Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
+    };
+    let d = decide_for(req, router, &broadcast, peer, false);
+    match (d.tier, HeaderValue::from_str(&d.url)) {
+        (tern_geoip::Tier::Webrtc, Ok(loc)) => {
+            let mut r = text(
+                StatusCode::TEMPORARY_REDIRECT,
+                format!("listen at {} ({})", d.url, d.relay_id.unwrap_or_default()),
+            );
+            r.headers_mut().insert(header::LOCATION, loc);
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        _ => {
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no relay has room; listen over HLS at {}", d.url),
+            );
+            if let Ok(link) = HeaderValue::from_str(&format!(
+                "<{}>; rel=\"alternate\"; type=\"application/vnd.apple.mpegurl\"",
+                d.url
+            )) {
+                r.headers_mut().insert(header::LINK, link);
+            }
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+    }
 }
 
 async fn whep_post(
@@ -456,9 +574,11 @@ async fn health(st: &HttpState) -> Response<Body> {
         }
         None => (json!(null), json!(null), false),
     };
+    let router = st.router.as_ref().map(|r| r.fleet_json());
     let body = json!({
         "status": if draining { "draining" } else { "ok" },
         "draining": draining,
+        "router": router,
         "uptime_seconds": st.started.elapsed().as_secs(),
         "listeners": listeners,
         "upstream": upstream,

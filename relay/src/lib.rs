@@ -5,6 +5,7 @@
 //! - [`node`]: its async shell (socket task, upstream subscriptions).
 //! - [`http`]: listener page, WHEP, HLS files, health, metrics.
 //! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
+//! - [`router`]: geo-routing shell: polls the fleet's health, answers `/v1/route`.
 //! - [`config`]: layered configuration.
 //! - [`auth`], [`limits`]: who may listen, and how often a client may start a session.
 //! - [`reload`]: SIGHUP reload, the latest configuration on a watch channel.
@@ -18,6 +19,7 @@ pub mod limits;
 pub mod node;
 pub mod packaging;
 pub mod reload;
+pub mod router;
 #[cfg(unix)]
 pub mod sdnotify;
 
@@ -54,6 +56,9 @@ pub enum Error {
     /// The WebRTC stack failed outside of any one listener's input.
     #[error("WebRTC: {0}")]
     WebRtc(String),
+    /// A GeoIP database could not be loaded.
+    #[error(transparent)]
+    GeoIp(#[from] tern_geoip::Error),
 }
 
 /// Resolves once `shutdown` is true (or its sender is gone). Returns `()` so no borrow of

@@ -191,7 +191,7 @@ fn sighup_rotates_token_keys_without_a_restart() {
         .unwrap();
     };
     write(SECRET);
-    let demo = Tern::start_with("demo", &["--config", conf.to_str().unwrap()], &[]);
+    let demo = Tern::start_with_args("demo", &["--config", conf.to_str().unwrap()], &[]);
     let old = token("demo", 600);
     let first = Listener::start(demo.addr, "demo", Some(&old)).expect("old key admitted");
     first.wait_frames(10, Duration::from_secs(10));

@@ -70,18 +70,19 @@ export function freePort() {
 }
 
 /**
- * Start `tern demo --http 127.0.0.1:PORT` and wait until GET /health answers 200.
+ * Start `tern demo --http 127.0.0.1:PORT` (or `tern ARGS... --http ...` with `args`, and
+ * extra environment `env`) and wait until GET /health answers 200.
  * Returns { base, port, log(), stop() }; stop() sends SIGINT and resolves to
  * { code, signal, timedOut } (SIGKILL after `graceMs`).
  * Set TERN_TEST_LOG=1 to see tern's output live.
  */
-export async function startTern({ readyTimeoutMs = 30_000 } = {}) {
+export async function startTern({ readyTimeoutMs = 30_000, args = ["demo"], env = {} } = {}) {
   const port = await freePort();
   const base = `http://127.0.0.1:${port}`;
   const lines = [];
-  const child = spawn(TERN_BIN, ["demo", "--http", `127.0.0.1:${port}`], {
+  const child = spawn(TERN_BIN, [...args, "--http", `127.0.0.1:${port}`], {
     stdio: ["ignore", "pipe", "pipe"],
-    env: { ...process.env, RUST_BACKTRACE: process.env.RUST_BACKTRACE || "1" },
+    env: { ...process.env, RUST_BACKTRACE: process.env.RUST_BACKTRACE || "1", ...env },
   });
   const keep = (chunk) => {
     const text = chunk.toString();

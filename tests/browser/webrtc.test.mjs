@@ -41,6 +41,10 @@ test("page connects over WebRTC and receives Opus audio", { timeout: 60_000 }, a
   }
   const state = await page.getAttribute("#status", "data-state");
   assert.equal(state, "connected", `status: ${await page.textContent("#status")}${context()}`);
+  // The page asked the router (the demo routes to its own relay) before listening.
+  const route = await page.evaluate(() => window.tern.route);
+  assert.equal(route && route.tier, "webrtc", `route: ${JSON.stringify(route)}`);
+  assert.equal(route.relay_id, "local", `route: ${JSON.stringify(route)}`);
 
   // First packet, then sample for 3 s.
   await waitFor(async () => (await stats()).packetsReceived > 0, {
@@ -122,7 +126,13 @@ test("Stop ends the WHEP session", { timeout: 20_000 }, async () => {
   assert.ok(session && new URL(session).pathname.startsWith(`/whep/${BROADCAST}/`),
     `Location of the session: ${session}`);
   await page.getByRole("button", { name: "Stop", exact: true }).click();
-  assert.equal(await page.evaluate(() => window.tern.pc.connectionState), "closed");
+  // The page closes the connection once the relay has answered the DELETE (see teardown in
+  // web/index.html), so not necessarily by the time the click returns: a loaded machine
+  // made an immediate check fail.
+  await waitFor(() => page.evaluate(() => window.tern.pc.connectionState === "closed"), {
+    timeoutMs: 3_000,
+    what: "the peer connection to close after Stop",
+  });
 
   let last;
   try {

@@ -48,10 +48,16 @@ impl Drop for Proc {
 }
 
 fn free_udp() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
@@ -67,7 +73,10 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16,
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -94,8 +103,15 @@ fn cpu(pid: u32) -> Result<(f64, f64)> {
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
 }
 
 #[derive(Default)]
@@ -127,11 +143,17 @@ fn connect(relay_http: SocketAddr, sampled: bool) -> Result<Client> {
     let mut api = rtc.sdp_api();
     api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
     let (offer, pending) = api.apply().context("offer")?;
-    let (status, body) = http(relay_http, "POST", "/whep/demo", offer.to_sdp_string().as_bytes())?;
+    let (status, body) = http(
+        relay_http,
+        "POST",
+        "/whep/demo",
+        offer.to_sdp_string().as_bytes(),
+    )?;
     if status != 201 {
         bail!("WHEP POST answered {status}: {body}");
     }
-    rtc.sdp_api().accept_answer(pending, SdpAnswer::from_sdp_string(&body)?)?;
+    rtc.sdp_api()
+        .accept_answer(pending, SdpAnswer::from_sdp_string(&body)?)?;
     Ok(Client {
         rtc,
         socket,
@@ -181,16 +203,24 @@ impl Client {
                     continue;
                 }
             }
-            let Ok(contents) = buf[..n].try_into() else { continue };
-            let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: self.local, contents });
+            let Ok(contents) = buf[..n].try_into() else {
+                continue;
+            };
+            let input = Input::Receive(
+                now,
+                Receive {
+                    proto: Protocol::Udp,
+                    source,
+                    destination: self.local,
+                    contents,
+                },
+            );
             if self.rtc.handle_input(input).is_ok() {
                 self.drain(c);
             }
         }
-        if now >= self.next_timeout {
-            if self.rtc.handle_input(Input::Timeout(now)).is_ok() {
-                self.drain(c);
-            }
+        if now >= self.next_timeout && self.rtc.handle_input(Input::Timeout(now)).is_ok() {
+            self.drain(c);
         }
     }
 }
@@ -202,7 +232,9 @@ fn run(args: &Args, listeners: usize) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let cert = dir.join("origin.pem");
     let quiet = |c: &mut Command| {
-        c.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::null());
+        c.env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
     };
     let mut oc = Command::new(&args.tern);
     oc.args(["origin", "--http", &origin_http.to_string()])
@@ -238,7 +270,10 @@ fn run(args: &Args, listeners: usize) -> Result<()> {
     }
     while clients.iter().any(|c| !c.connected) {
         if t_connect.elapsed() > Duration::from_secs(60) {
-            bail!("{} of {listeners} listeners connected within 60 s", clients.iter().filter(|c| c.connected).count());
+            bail!(
+                "{} of {listeners} listeners connected within 60 s",
+                clients.iter().filter(|c| c.connected).count()
+            );
         }
         let now = Instant::now();
         for c in clients.iter_mut() {
@@ -258,7 +293,10 @@ fn run(args: &Args, listeners: usize) -> Result<()> {
     }
     let (u0, s0) = cpu(pid)?;
     let d0 = counters.datagrams.load(Ordering::Relaxed);
-    let (f0, g0) = (counters.sampled_frames.load(Ordering::Relaxed), counters.sampled_gaps.load(Ordering::Relaxed));
+    let (f0, g0) = (
+        counters.sampled_frames.load(Ordering::Relaxed),
+        counters.sampled_gaps.load(Ordering::Relaxed),
+    );
     let t0 = Instant::now();
     let window = Duration::from_secs(args.seconds);
     while t0.elapsed() < window {

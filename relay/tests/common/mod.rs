@@ -35,11 +35,11 @@ pub struct Tern {
 impl Tern {
     /// Starts `tern <command>` with extra environment, and waits for `/health`.
     pub fn start(command: &str, env: &[(&str, String)]) -> Self {
-        Self::start_with(command, &[], env)
+        Self::start_with_args(command, &[], env)
     }
 
-    /// Like [`Tern::start`], with extra command-line arguments (e.g. `--config`).
-    pub fn start_with(command: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+    /// As [`Tern::start`], with extra flags (e.g. `--config PATH`).
+    pub fn start_with_args(command: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let addr = free_tcp();
         let child = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args([command, "--http", &addr.to_string()])
