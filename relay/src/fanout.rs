@@ -16,7 +16,7 @@
 //! binding request, so demultiplexing stays O(1) however many listeners there are. Opus frames
 //! are handed to every listener as one shared buffer: the payload is never copied per listener.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -121,6 +121,10 @@ struct Listener {
     connected: bool,
     created: Instant,
     next_timeout: Instant,
+    /// The deadline this listener is filed under in `Fanout::timers`, if any.
+    timer_key: Option<Instant>,
+    /// Queued in `Fanout::dead` for reaping.
+    reaping: bool,
     dead: Option<LeaveReason>,
 }
 
@@ -138,6 +142,10 @@ pub struct Fanout {
     transmits: VecDeque<Transmit>,
     events: VecDeque<FanoutEvent>,
     stats: FanoutStats,
+    /// Every listener's next deadline, ordered: finding due timers costs O(log n), not a scan.
+    timers: BTreeSet<(Instant, ListenerId)>,
+    /// Listeners to free at the next `reap`; nothing else is scanned for dead peers.
+    dead: Vec<ListenerId>,
 }
 
 impl Fanout {
@@ -161,6 +169,8 @@ impl Fanout {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: FanoutStats::default(),
+            timers: BTreeSet::new(),
+            dead: Vec::new(),
         })
     }
 
@@ -218,6 +228,8 @@ impl Fanout {
             connected: false,
             created: now,
             next_timeout: now,
+            timer_key: None,
+            reaping: false,
             dead: None,
         };
         drain(
@@ -230,6 +242,9 @@ impl Fanout {
         self.by_ufrag.insert(creds.ufrag, id);
         self.members.entry(broadcast).or_default().push(id);
         self.listeners.insert(id, listener);
+        if let Some(l) = self.listeners.get_mut(&id) {
+            schedule(id, l, &mut self.timers, &mut self.dead);
+        }
         Ok((id, answer))
     }
 
@@ -247,6 +262,7 @@ impl Fanout {
             &mut self.events,
             &mut self.stats,
         );
+        schedule(id, l, &mut self.timers, &mut self.dead);
         self.reap();
         true
     }
@@ -302,6 +318,7 @@ impl Fanout {
             &mut self.events,
             &mut self.stats,
         );
+        schedule(id, l, &mut self.timers, &mut self.dead);
         self.reap();
         true
     }
@@ -350,48 +367,51 @@ impl Fanout {
                 &mut self.events,
                 &mut self.stats,
             );
+            schedule(*id, l, &mut self.timers, &mut self.dead);
         }
         self.reap();
     }
 
     /// Drives every listener whose timer is due.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for (id, l) in self.listeners.iter_mut() {
+        // Take the due ones first: a listener that re-arms for `now` runs on the next call,
+        // never in a loop here.
+        let mut due = Vec::new();
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            due.push(id);
+        }
+        for id in due {
+            let Some(l) = self.listeners.get_mut(&id) else {
+                continue;
+            };
+            l.timer_key = None;
             if !l.connected && l.dead.is_none() && now >= l.created + CONNECT_TIMEOUT {
                 l.dead = Some(LeaveReason::ConnectTimeout);
-                continue;
-            }
-            if l.next_timeout <= now {
+            } else if l.next_timeout <= now {
                 if let Err(e) = l.rtc.handle_input(Input::Timeout(now)) {
                     debug!(listener = id.0, "timeout handling failed: {e}");
                     l.dead = Some(LeaveReason::Failed);
                 }
                 drain(
-                    *id,
+                    id,
                     l,
                     &mut self.transmits,
                     &mut self.events,
                     &mut self.stats,
                 );
             }
+            schedule(id, l, &mut self.timers, &mut self.dead);
         }
         self.reap();
     }
 
     /// When [`Fanout::handle_timeout`] must next be called, if any listener exists.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        // O(listeners) per call; fine at the skeleton's scale, replaced by a timer wheel when
-        // a relay serves thousands per core.
-        self.listeners
-            .values()
-            .map(|l| {
-                if l.connected {
-                    l.next_timeout
-                } else {
-                    l.next_timeout.min(l.created + CONNECT_TIMEOUT)
-                }
-            })
-            .min()
+        self.timers.first().map(|(t, _)| *t)
     }
 
     /// The next datagram to send.
@@ -419,19 +439,15 @@ impl Fanout {
         self.stats
     }
 
-    /// Frees every listener marked dead and reports it.
+    /// Frees every listener queued as dead and reports it.
     fn reap(&mut self) {
-        let dead: Vec<ListenerId> = self
-            .listeners
-            .iter()
-            .filter(|(_, l)| l.dead.is_some() || !l.rtc.is_alive())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in dead {
-            // `dead` was collected from `listeners` just above.
+        for id in std::mem::take(&mut self.dead) {
             let Some(mut l) = self.listeners.remove(&id) else {
                 continue;
             };
+            if let Some(k) = l.timer_key.take() {
+                self.timers.remove(&(k, id));
+            }
             // Flush what the peer should still hear (e.g. DTLS close_notify).
             drain(
                 id,
@@ -489,6 +505,32 @@ impl Timeline {
         let out = u64::try_from(i128::from(ts) + self.offset).unwrap_or(ts);
         self.last = Some((ts, out, now));
         out
+    }
+}
+
+/// Files a listener under its next deadline (the earlier of str0m's timeout and, until
+/// connected, the connect deadline), and queues it for reaping once it is dead.
+fn schedule(
+    id: ListenerId,
+    l: &mut Listener,
+    timers: &mut BTreeSet<(Instant, ListenerId)>,
+    dead: &mut Vec<ListenerId>,
+) {
+    if (l.dead.is_some() || !l.rtc.is_alive()) && !l.reaping {
+        l.reaping = true;
+        dead.push(id);
+    }
+    let want = if l.connected {
+        l.next_timeout
+    } else {
+        l.next_timeout.min(l.created + CONNECT_TIMEOUT)
+    };
+    if l.timer_key != Some(want) {
+        if let Some(old) = l.timer_key.take() {
+            timers.remove(&(old, id));
+        }
+        timers.insert((want, id));
+        l.timer_key = Some(want);
     }
 }
 

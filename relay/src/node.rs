@@ -22,6 +22,9 @@ use crate::Error;
 /// upstream readers wait (and QUIC flow control push back) instead of growing memory.
 const QUEUE: usize = 1024;
 
+/// How often counters and the health snapshot are refreshed when nothing else changes.
+const REFRESH: Duration = Duration::from_millis(250);
+
 enum Command {
     Add {
         broadcast: BroadcastId,
@@ -121,6 +124,8 @@ impl Relay {
             let mut buf = vec![0u8; 2048];
             let mut sessions: HashMap<String, ListenerId> = HashMap::new();
             let mut last_stats = fanout.stats();
+            let mut last_count = 0;
+            let mut last_refresh = Instant::now();
             loop {
                 let deadline = fanout.poll_timeout();
                 let sleep = async {
@@ -144,16 +149,23 @@ impl Relay {
                 }
                 flush(&socket, &mut fanout).await;
                 handle_events(&mut fanout, &mut sessions);
-                last_stats = record_stats(&fanout, last_stats);
-                let snap = snapshot_of(&fanout, max_listeners, announce);
-                snap_tx.send_if_modified(|s| {
-                    if *s != snap {
-                        *s = snap;
-                        true
-                    } else {
-                        false
-                    }
-                });
+                // Counters and the health snapshot are refreshed when listeners come or go,
+                // and otherwise a few times a second: not for every packet.
+                let count = fanout.listener_count();
+                if count != last_count || last_refresh.elapsed() >= REFRESH {
+                    last_count = count;
+                    last_refresh = Instant::now();
+                    last_stats = record_stats(&fanout, last_stats);
+                    let snap = snapshot_of(&fanout, max_listeners, announce);
+                    snap_tx.send_if_modified(|s| {
+                        if *s != snap {
+                            *s = snap;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                }
             }
             // Say goodbye to every listener so browsers notice at once.
             let ids: Vec<ListenerId> = sessions.values().copied().collect();
