@@ -46,7 +46,9 @@ pub enum Op {
     Put(ObjectKind),
     /// Delete, once a playlist with a sequence number `>= after_playlist` of the same folder has
     /// been uploaded (0: no playlist to wait for).
-    Delete { after_playlist: u64 },
+    Delete {
+        after_playlist: u64,
+    },
 }
 
 /// One queued command, without its body.
@@ -301,7 +303,10 @@ impl Spool {
     pub fn body(&self, entry: &Entry) -> Result<Bytes, Error> {
         let path = self.file(entry.seq);
         let raw = fs::read(&path).map_err(io_error(&path))?;
-        let start = raw.iter().position(|b| *b == b'\n').map_or(raw.len(), |i| i + 1);
+        let start = raw
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(raw.len(), |i| i + 1);
         Ok(Bytes::from(raw).slice(start..))
     }
 
@@ -373,7 +378,10 @@ fn read_header(path: &Path, seq: u64) -> io::Result<Entry> {
     if parts.next() != Some("tern-spool-1") {
         return Err(invalid());
     }
-    let ms: u64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(invalid)?;
+    let ms: u64 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(invalid)?;
     let op = match (parts.next(), parts.next()) {
         (Some("put"), Some(tag)) => Op::Put(ObjectKind::from_tag(tag).ok_or_else(invalid)?),
         (Some("delete"), Some(n)) => Op::Delete {

@@ -230,7 +230,11 @@ async fn list(client: &aws_sdk_s3::Client, prefix: &str) -> BTreeSet<String> {
             .send()
             .await
             .unwrap();
-        keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+        keys.extend(
+            out.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
         if out.is_truncated() != Some(true) {
             return keys;
         }
@@ -254,7 +258,10 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     let head = String::from_utf8_lossy(&raw[..end]).to_string();
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let mut body = raw[end + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         body = unchunk(&body);
     }
     (status, body)
@@ -266,8 +273,8 @@ fn unchunk(mut b: &[u8]) -> Vec<u8> {
         let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
             return out;
         };
-        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16)
-            .unwrap_or(0);
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap_or(0);
         if size == 0 {
             return out;
         }
@@ -353,7 +360,8 @@ fn redundant_packagers_share_a_bucket_and_ffprobe_plays_it() {
             std::thread::sleep(Duration::from_millis(20));
             // Whatever S3 serves now is consistent: every named segment exists.
             if k % 100 == 0 {
-                let (status, body) = http_get(moto.addr, &format!("/{BUCKET}/live/demo/64k/index.m3u8"));
+                let (status, body) =
+                    http_get(moto.addr, &format!("/{BUCKET}/live/demo/64k/index.m3u8"));
                 if k >= 300 {
                     assert_eq!(status, 200, "the playlist is served by now");
                 }
@@ -453,11 +461,23 @@ fn redundant_packagers_share_a_bucket_and_ffprobe_plays_it() {
     b.wait_uploaded(Duration::from_secs(30));
     let url = format!("{}/{BUCKET}/live/demo/master.m3u8", moto.url());
     let out = Process::new("ffprobe")
-        .args(["-v", "error", "-show_entries", "stream=codec_name,profile,sample_rate,channels:format=nb_streams", "-of", "compact", &url])
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name,profile,sample_rate,channels:format=nb_streams",
+            "-of",
+            "compact",
+            &url,
+        ])
         .output()
         .expect("ffprobe runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let streams = text
         .lines()
         .filter(|l| *l == "stream|codec_name=aac|profile=LC|sample_rate=48000|channels=2")
@@ -470,8 +490,16 @@ fn redundant_packagers_share_a_bucket_and_ffprobe_plays_it() {
             .args(["-v", "error", "-i", &url, "-t", "30", "-f", "null", "-"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{r}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.stderr.is_empty(), "{r}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{r}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{r}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     a.stop(&rt);
     b.stop(&rt);
@@ -578,7 +606,8 @@ fn outage_loses_no_segment_and_catches_up() {
         std::thread::spawn(move || {
             let mut checks = 0;
             while !done.load(Ordering::Relaxed) {
-                let (status, body) = http_get(moto_addr, &format!("/{BUCKET}/rec/demo/128k/index.m3u8"));
+                let (status, body) =
+                    http_get(moto_addr, &format!("/{BUCKET}/rec/demo/128k/index.m3u8"));
                 if status == 200 {
                     let keys = handle.block_on(list(&direct, "rec/demo/128k/"));
                     for seg in media_playlist(&body).segments {
@@ -634,23 +663,37 @@ fn outage_loses_no_segment_and_catches_up() {
     }
     let restored_at = restored_at.unwrap();
     while caught_up.is_none() && !p.spool.is_empty() {
-        assert!(restored_at.elapsed() < Duration::from_secs(30), "no catch-up within 30 s");
+        assert!(
+            restored_at.elapsed() < Duration::from_secs(30),
+            "no catch-up within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let catch_up = caught_up.unwrap_or_else(|| restored_at.elapsed());
-    assert!(catch_up < Duration::from_secs(30), "catch-up took {catch_up:?}");
+    assert!(
+        catch_up < Duration::from_secs(30),
+        "catch-up took {catch_up:?}"
+    );
     p.finish();
     p.wait_uploaded(Duration::from_secs(30));
     done.store(true, Ordering::Relaxed);
-    let checks = watcher.join().expect("the stored playlist was always consistent");
+    let checks = watcher
+        .join()
+        .expect("the stored playlist was always consistent");
     let retries = p.stats.retries.load(Ordering::Relaxed);
     eprintln!(
         "outage {outage:?}: lag at restore {lag_at_restore:?}, caught up in {catch_up:?} \
          (first empty spool after S3 returned), {retries} retried attempts, {checks} playlist checks"
     );
     assert!(retries > 0, "the outage was seen");
-    assert!(checks > 10, "the watcher saw the stored playlist {checks} times");
-    assert!(lag_at_restore >= outage - Duration::from_secs(3), "{lag_at_restore:?}");
+    assert!(
+        checks > 10,
+        "the watcher saw the stored playlist {checks} times"
+    );
+    assert!(
+        lag_at_restore >= outage - Duration::from_secs(3),
+        "{lag_at_restore:?}"
+    );
 
     let produced = p.segments_produced();
     assert!(produced.len() as u64 >= 2 * (total.as_secs() / 2 - 2));
@@ -665,9 +708,20 @@ fn outage_loses_no_segment_and_catches_up() {
         assert!(text.contains("#EXT-X-PLAYLIST-TYPE:VOD"), "{text}");
         assert!(text.contains("#EXT-X-ENDLIST"));
         let pl = media_playlist(&body);
-        let named: BTreeSet<String> = pl.segments.iter().map(|s| format!("{r}/{}", s.uri)).collect();
-        let mine: BTreeSet<String> = produced.iter().filter(|s| s.starts_with(&format!("{r}/"))).cloned().collect();
-        assert_eq!(named, mine, "the VOD playlist names every segment of the broadcast");
+        let named: BTreeSet<String> = pl
+            .segments
+            .iter()
+            .map(|s| format!("{r}/{}", s.uri))
+            .collect();
+        let mine: BTreeSet<String> = produced
+            .iter()
+            .filter(|s| s.starts_with(&format!("{r}/")))
+            .cloned()
+            .collect();
+        assert_eq!(
+            named, mine,
+            "the VOD playlist names every segment of the broadcast"
+        );
     }
     assert_eq!(p.spool.dropped(), 0);
     p.stop(&rt);

@@ -98,7 +98,11 @@ pub fn spawn(
                 spool,
                 stats: Arc::default(),
             };
-            uploader = Some(tokio::spawn(up.run(wake_rx, shutdown.clone(), UPLOAD_DRAIN)));
+            uploader = Some(tokio::spawn(up.run(
+                wake_rx,
+                shutdown.clone(),
+                UPLOAD_DRAIN,
+            )));
         }
         let dir = output.dir.clone();
         let worker = std::thread::Builder::new()

@@ -131,7 +131,10 @@ fn hung_s3_does_not_disturb_webrtc_listeners() {
     assert!(pl.contains(".m4s"), "{pl}");
     let (_, m) = demo.get("/metrics");
     let m = text(m);
-    assert!(metric(&m, "tern_packager_upload_retries_total") >= 2.0, "{m}");
+    assert!(
+        metric(&m, "tern_packager_upload_retries_total") >= 2.0,
+        "{m}"
+    );
     assert!(metric(&m, "tern_packager_spool_bytes") > 10_000.0, "{m}");
     assert!(metric(&m, "tern_packager_upload_lag_seconds") >= 5.0, "{m}");
     assert_eq!(metric(&m, "tern_packager_frames_dropped_total"), 0.0, "{m}");
@@ -151,7 +154,11 @@ impl Moto {
     fn start() -> Self {
         let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../target/venv/bin/moto_server");
-        assert!(bin.exists(), "{} is missing: run scripts/setup", bin.display());
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/setup",
+            bin.display()
+        );
         let addr = common::free_tcp();
         let child = std::process::Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &addr.port().to_string()])
@@ -206,7 +213,10 @@ fn kill_9_of_the_packager_leaves_the_relay_alone_and_its_spool_is_resumed() {
         ("TERN_PACKAGER__S3__BUCKET", "tern-hls".to_owned()),
         ("TERN_PACKAGER__S3__ENDPOINT", format!("http://{}", moto.1)),
         ("TERN_PACKAGER__S3__PATH_STYLE", "true".into()),
-        ("TERN_PACKAGER__S3__SPOOL_DIR", dir.join("spool").display().to_string()),
+        (
+            "TERN_PACKAGER__S3__SPOOL_DIR",
+            dir.join("spool").display().to_string(),
+        ),
         ("AWS_ACCESS_KEY_ID", "test".into()),
         ("AWS_SECRET_ACCESS_KEY", "test".into()),
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
@@ -241,7 +251,10 @@ fn kill_9_of_the_packager_leaves_the_relay_alone_and_its_spool_is_resumed() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "no uploads after restart ({spooled} were spooled): {m}");
+        assert!(
+            Instant::now() < deadline,
+            "no uploads after restart ({spooled} were spooled): {m}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     packager.stop();
