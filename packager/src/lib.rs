@@ -60,21 +60,29 @@
 mod fmp4;
 mod packager;
 mod playlist;
+#[cfg(feature = "s3")]
+pub mod s3;
 mod segment;
 mod sink;
+pub mod spool;
 mod transcode;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use packager::{run, Packager, RenditionStats, Stats};
-pub use sink::{DirectorySink, MemorySink, Sink};
+pub use sink::{DirectorySink, MemorySink, Sink, TeeSink};
 
 /// Longest forward jump of the frame timestamps that is filled with silence (10 s).
 pub const MAX_GAP_FILL: Duration = Duration::from_secs(10);
 /// How far behind the expected time a frame may arrive and be dropped as late or duplicate
 /// rather than treated as a timeline restart (1 s).
 pub const LATE_TOLERANCE: Duration = Duration::from_secs(1);
+/// Highest AAC-LC bitrate per channel at 48 kHz (FFmpeg's encoder caps there: 6144 bits per
+/// 1024-sample frame).
+pub const MAX_BITRATE_PER_CHANNEL: u32 = 288_000;
+/// Lowest bitrate per channel accepted: below it AAC-LC at 48 kHz is unusable.
+pub const MIN_BITRATE_PER_CHANNEL: u32 = 8_000;
 /// BANDWIDTH = AVERAGE-BANDWIDTH + this percentage of the target bitrate.
 pub const PEAK_HEADROOM_PERCENT: u64 = 25;
 
@@ -117,6 +125,31 @@ pub struct PackagerConfig {
     pub segment_duration: Duration,
     /// Segments in the live playlist (default 3).
     pub window: usize,
+    /// Recording (default false): keep every segment and leave a playlist of the whole
+    /// broadcast (EXT-X-PLAYLIST-TYPE:EVENT while live, VOD with EXT-X-ENDLIST at the end)
+    /// instead of a sliding window; no segment is ever deleted. `window` is then unused.
+    pub record: bool,
+    /// FFmpeg AAC coder (default [`AacCoder::TwoLoop`], FFmpeg's own default).
+    pub aac_coder: AacCoder,
+}
+
+/// FFmpeg's AAC-LC quantisation search (`aac_coder`): a speed/quality trade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AacCoder {
+    /// `twoloop`: FFmpeg's default, best quality of its coders.
+    #[default]
+    TwoLoop,
+    /// `fast`: about twice as fast; audibly weaker at low bitrates on dense material.
+    Fast,
+}
+
+impl AacCoder {
+    pub fn ffmpeg_name(self) -> &'static str {
+        match self {
+            Self::TwoLoop => "twoloop",
+            Self::Fast => "fast",
+        }
+    }
 }
 
 impl Default for PackagerConfig {
@@ -129,6 +162,8 @@ impl Default for PackagerConfig {
             channels: 2,
             segment_duration: Duration::from_secs(2),
             window: 3,
+            record: false,
+            aac_coder: AacCoder::TwoLoop,
         }
     }
 }
@@ -181,6 +216,32 @@ impl ObjectKind {
             Self::InitSegment | Self::Segment => "public, max-age=31536000, immutable",
         }
     }
+
+    /// Objects that never change once written: the same name always holds the same bytes, so
+    /// redundant packagers write them with `If-None-Match: *` and the first one wins.
+    pub fn immutable(self) -> bool {
+        matches!(self, Self::InitSegment | Self::Segment)
+    }
+
+    /// Short tag used in spool entries.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Self::MasterPlaylist => "master",
+            Self::MediaPlaylist => "media",
+            Self::InitSegment => "init",
+            Self::Segment => "segment",
+        }
+    }
+
+    pub fn from_tag(tag: &str) -> Option<Self> {
+        Some(match tag {
+            "master" => Self::MasterPlaylist,
+            "media" => Self::MediaPlaylist,
+            "init" => Self::InitSegment,
+            "segment" => Self::Segment,
+            _ => return None,
+        })
+    }
 }
 
 /// The crate's one error type.
@@ -209,4 +270,13 @@ pub enum Error {
     InvalidPath(String),
     #[error("the broadcast is finished; no more frames are accepted")]
     Finished,
+    #[error("spool {path} is full ({bytes} bytes of at most {max}); object {object} dropped")]
+    SpoolFull {
+        path: PathBuf,
+        object: String,
+        bytes: u64,
+        max: u64,
+    },
+    #[error("S3 configuration: {0}")]
+    S3Config(String),
 }

@@ -123,6 +123,23 @@ fn validate(config: &PackagerConfig) -> Result<u64, Error> {
     if !(1..=2).contains(&config.channels) {
         return invalid(format!("channels must be 1 or 2, not {}", config.channels));
     }
+    // Mono or stereo: the same bitrate means twice the bits per channel in mono, and FFmpeg's
+    // AAC-LC encoder silently caps what it cannot carry.
+    for r in &config.renditions {
+        let per_channel = r.bitrate / u32::from(config.channels);
+        if !(crate::MIN_BITRATE_PER_CHANNEL..=crate::MAX_BITRATE_PER_CHANNEL).contains(&per_channel)
+        {
+            return invalid(format!(
+                "rendition {}: {} bits/s over {} channel(s) is {per_channel} per channel, \
+                 outside {}..={}",
+                r.name,
+                r.bitrate,
+                config.channels,
+                crate::MIN_BITRATE_PER_CHANNEL,
+                crate::MAX_BITRATE_PER_CHANNEL
+            ));
+        }
+    }
     let nanos = config.segment_duration.as_nanos();
     let samples = nanos * u128::from(SAMPLE_RATE);
     if !samples.is_multiple_of(1_000_000_000) {
@@ -163,7 +180,7 @@ impl Packager {
         let mut renditions = Vec::with_capacity(config.renditions.len());
         let mut variants = Vec::with_capacity(config.renditions.len());
         for r in &config.renditions {
-            let encoder = AacEncoder::new(config.channels, r.bitrate)?;
+            let encoder = AacEncoder::new(config.channels, r.bitrate, config.aac_coder)?;
             let average = u64::from(r.bitrate) + overhead_bps;
             let peak = average + u64::from(r.bitrate) * PEAK_HEADROOM_PERCENT / 100;
             let init = fmp4::init_segment(&TrackConfig {
@@ -189,7 +206,11 @@ impl Packager {
                 segmenter: Segmenter::new(segment_samples),
                 // Grace of one more window: a player that loaded the previous playlist just
                 // before it changed may still fetch any segment it named.
-                playlist: LivePlaylist::new(config.window, config.window, target_duration),
+                playlist: if config.record {
+                    LivePlaylist::recording(target_duration)
+                } else {
+                    LivePlaylist::new(config.window, config.window, target_duration)
+                },
                 stats: RenditionStats {
                     name: r.name.clone(),
                     declared_bandwidth: peak,
@@ -574,6 +595,20 @@ mod tests {
             ..PackagerConfig::default()
         })
         .is_err());
+        // 320 kbps is fine in stereo (160 per channel) but too much for one AAC-LC channel.
+        let loud = vec![crate::Rendition::new("hi", 320_000)];
+        assert!(Packager::new(PackagerConfig {
+            renditions: loud.clone(),
+            channels: 2,
+            ..PackagerConfig::default()
+        })
+        .is_ok());
+        assert!(Packager::new(PackagerConfig {
+            renditions: loud,
+            channels: 1,
+            ..PackagerConfig::default()
+        })
+        .is_err());
         let odd = std::time::Duration::from_nanos(2_000_000_001);
         assert!(Packager::new(PackagerConfig {
             segment_duration: odd,
@@ -759,6 +794,33 @@ mod tests {
         // The segment after each restart starts on a boundary, so it is published: the only
         // partial segment is index -1, which holds just the encoder's priming frame at start.
         assert_eq!(stats.renditions[0].partial_segments_dropped, 1);
+    }
+
+    #[test]
+    fn recording_keeps_every_segment_and_ends_with_a_vod_playlist() {
+        let mut p = Packager::new(PackagerConfig {
+            record: true,
+            ..one_rendition()
+        })
+        .unwrap();
+        let mut commands = drain(&mut p);
+        for k in 0..1000u64 {
+            p.push(frame(k * 960)).unwrap();
+            commands.extend(drain(&mut p));
+        }
+        p.finish().unwrap();
+        commands.extend(drain(&mut p));
+        assert!(
+            !commands.iter().any(|c| matches!(c, Command::Delete { .. })),
+            "a recording deletes nothing"
+        );
+        let pl = last_playlist(&commands);
+        assert!(pl.end_list);
+        assert_eq!(pl.playlist_type, Some(m3u8_rs::MediaPlaylistType::Vod));
+        assert_eq!(pl.media_sequence, 0);
+        // 1000 × 20 ms = 20 s: segments 0..=9, all named by the final playlist.
+        assert_eq!(pl.segments.len(), 10);
+        assert_eq!(segment_indices(&commands), (0..10).collect::<Vec<_>>());
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub(crate) struct LivePlaylist {
     expired: VecDeque<u64>,
     discontinuity_sequence: u64,
     ended: bool,
+    /// Recording: every segment stays in the playlist and nothing is ever deletable; the
+    /// playlist is an EVENT playlist while live and a VOD playlist once ended.
+    record: bool,
 }
 
 impl LivePlaylist {
@@ -43,10 +46,20 @@ impl LivePlaylist {
             window,
             grace,
             target_duration,
-            live: VecDeque::with_capacity(window + 1),
-            expired: VecDeque::with_capacity(grace + 1),
+            live: VecDeque::with_capacity(window.min(64) + 1),
+            expired: VecDeque::with_capacity(grace.min(64) + 1),
             discontinuity_sequence: 0,
             ended: false,
+            record: false,
+        }
+    }
+
+    /// A playlist that keeps every segment of the broadcast (EXT-X-PLAYLIST-TYPE:EVENT while
+    /// live, VOD once ended).
+    pub(crate) fn recording(target_duration: u64) -> Self {
+        Self {
+            record: true,
+            ..Self::new(usize::MAX, 0, target_duration)
         }
     }
 
@@ -64,6 +77,9 @@ impl LivePlaylist {
         }
         self.live.push_back(entry);
         let mut deletable = Vec::new();
+        if self.record {
+            return deletable;
+        }
         while self.live.len() > self.window {
             let Some(old) = self.live.pop_front() else {
                 break;
@@ -120,6 +136,11 @@ impl LivePlaylist {
             segments,
             end_list: self.ended,
             independent_segments: true,
+            playlist_type: match (self.record, self.ended) {
+                (false, _) => None,
+                (true, false) => Some(m3u8_rs::MediaPlaylistType::Event),
+                (true, true) => Some(m3u8_rs::MediaPlaylistType::Vod),
+            },
             ..MediaPlaylist::default()
         }
     }
@@ -281,6 +302,24 @@ mod tests {
         assert_eq!(p.media_sequence, 4);
         assert_eq!(p.discontinuity_sequence, 1);
         assert!(p.segments.iter().all(|s| !s.discontinuity));
+    }
+
+    #[test]
+    fn recording_keeps_everything_and_ends_as_vod() {
+        let mut pl = LivePlaylist::recording(2);
+        for i in 0..50 {
+            assert!(pl.push(entry(i)).is_empty(), "nothing is ever deletable");
+        }
+        let text = String::from_utf8(pl.render().to_vec()).unwrap();
+        assert!(text.contains("#EXT-X-PLAYLIST-TYPE:EVENT"), "{text}");
+        let p = parse(&pl.render());
+        assert_eq!(p.media_sequence, 0);
+        assert_eq!(p.segments.len(), 50);
+        pl.end();
+        let text = String::from_utf8(pl.render().to_vec()).unwrap();
+        assert!(text.contains("#EXT-X-PLAYLIST-TYPE:VOD"), "{text}");
+        assert!(text.contains("#EXT-X-ENDLIST"));
+        assert_eq!(parse(&pl.render()), pl.to_m3u8());
     }
 
     #[test]

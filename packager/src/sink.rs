@@ -112,6 +112,19 @@ impl Sink for DirectorySink {
     }
 }
 
+/// Applies every command to two sinks (e.g. a local folder and S3). Both always get the
+/// command; the first error is returned.
+#[derive(Debug)]
+pub struct TeeSink<A, B>(pub A, pub B);
+
+impl<A: Sink, B: Sink> Sink for TeeSink<A, B> {
+    fn apply(&mut self, command: &Command) -> Result<(), Error> {
+        let a = self.0.apply(command);
+        let b = self.1.apply(command);
+        a.and(b)
+    }
+}
+
 /// Keeps objects in memory: for tests and for embedding (e.g. serving straight from RAM).
 #[derive(Debug, Default, Clone)]
 pub struct MemorySink {

@@ -221,10 +221,11 @@ pub(crate) struct AacEncoder {
     delay: i64,
     bitrate: u32,
     channels: u16,
+    coder: crate::AacCoder,
 }
 
 impl AacEncoder {
-    pub(crate) fn new(channels: u16, bitrate: u32) -> Result<Self, Error> {
+    pub(crate) fn new(channels: u16, bitrate: u32, coder: crate::AacCoder) -> Result<Self, Error> {
         init_ffmpeg()?;
         // By name: `find(Id::AAC)` could pick another AAC encoder if one were built in.
         let codec =
@@ -242,7 +243,11 @@ impl AacEncoder {
         enc.set_time_base((1, SAMPLE_RATE as i32));
         // Global header: the AudioSpecificConfig goes to extradata (for esds) instead of ADTS.
         enc.set_flags(codec::Flags::GLOBAL_HEADER);
-        let encoder = enc.open_as(codec).map_err(codec_err("open aac encoder"))?;
+        let mut options = ffmpeg::Dictionary::new();
+        options.set("aac_coder", coder.ffmpeg_name());
+        let encoder = enc
+            .open_as_with(codec, options)
+            .map_err(codec_err("open aac encoder"))?;
         // SAFETY: the encoder is open, so its context pointer is valid; extradata/extradata_size
         // and initial_padding are plain fields set by avcodec_open2 and not mutated while we
         // hold `&encoder`. The slice is copied before the borrow ends.
@@ -269,6 +274,7 @@ impl AacEncoder {
             delay,
             bitrate,
             channels,
+            coder,
         })
     }
 
@@ -283,7 +289,7 @@ impl AacEncoder {
     /// A fresh encoder with the same settings (after a flush, FFmpeg encoders take no more
     /// input).
     pub(crate) fn renew(&self) -> Result<Self, Error> {
-        Self::new(self.channels, self.bitrate)
+        Self::new(self.channels, self.bitrate, self.coder)
     }
 
     /// Encodes the samples `samples` (one slice per channel, 1024 each) at `pts`.
@@ -414,7 +420,7 @@ mod tests {
 
     #[test]
     fn aac_encoder_exposes_asc_and_follows_input_pts() {
-        let mut enc = AacEncoder::new(2, 64_000).unwrap();
+        let mut enc = AacEncoder::new(2, 64_000, crate::AacCoder::TwoLoop).unwrap();
         // AudioSpecificConfig: object type 2 (LC) in the top 5 bits, 48 kHz index 3.
         let asc = enc.audio_specific_config();
         assert_eq!(asc[0] >> 3, 2);

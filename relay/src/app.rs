@@ -336,17 +336,39 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
     let mut hls_root = None;
     let mut packaging_ids = Vec::new();
     if run_packager {
+        // With S3 configured and no out_dir, `tern package` writes only to S3; the demo always
+        // keeps a local copy for its own HTTP server.
         let out = match cfg.packager.out_dir.clone() {
-            Some(d) => d,
+            Some(d) => Some(d),
             None if matches!(command, Command::Demo) => {
                 let d = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
                 parts.temp_dir = Some(d.clone());
-                d
+                Some(d)
             }
-            None => bail!("packager.out_dir is not set"),
+            None if cfg.packager.s3.is_some() => None,
+            None => bail!("packager.out_dir is not set (and no [packager.s3])"),
         };
-        std::fs::create_dir_all(&out)
-            .with_context(|| format!("creating the HLS folder {}", out.display()))?;
+        if let Some(out) = &out {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("creating the HLS folder {}", out.display()))?;
+        }
+        let s3 = match &cfg.packager.s3 {
+            Some(s) => {
+                let settings = s.settings();
+                std::fs::create_dir_all(&s.spool_dir).with_context(|| {
+                    format!("creating the S3 spool folder {}", s.spool_dir.display())
+                })?;
+                info!(bucket = %settings.bucket, endpoint = ?settings.endpoint,
+                    spool = %s.spool_dir.display(), "pushing HLS to S3");
+                Some(packaging::S3Output {
+                    client: tern_packager::s3::client(&settings).await,
+                    settings,
+                    spool_dir: s.spool_dir.clone(),
+                    spool_max_bytes: s.spool_max_bytes,
+                })
+            }
+            None => None,
+        };
         let upstream = Arc::new(Upstream::with_identity(
             cfg.upstream.addr,
             &cfg.upstream.server_name,
@@ -359,14 +381,19 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
                 id,
                 upstream.clone(),
                 packaging::settings(&cfg.packager),
-                out.join(b),
+                packaging::Output {
+                    dir: out.as_ref().map(|o| o.join(b)),
+                    s3: s3.clone(),
+                },
                 shutdown_rx.clone(),
             );
             parts.tasks.push(("packager", task));
             packaging_ids.push(b.clone());
         }
-        info!(dir = %out.display(), "writing HLS");
-        hls_root = Some(out);
+        if let Some(out) = &out {
+            info!(dir = %out.display(), "writing HLS");
+        }
+        hls_root = out;
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)

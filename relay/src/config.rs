@@ -268,6 +268,82 @@ pub struct PackagerSection {
     pub segment_seconds: f64,
     /// Segments in the live playlist.
     pub window: usize,
+    /// Keep every segment and leave a VOD playlist of the whole broadcast (EVENT while live,
+    /// VOD + ENDLIST at the end) instead of a sliding window.
+    pub record: bool,
+    /// FFmpeg AAC coder: "twoloop" (FFmpeg's default, best quality) or "fast" (about twice
+    /// the broadcasts per core; see docs/benchmarks.md).
+    pub aac_coder: String,
+    /// Push the HLS to S3 (or an S3-compatible store) for a CDN. With `out_dir` too, both get
+    /// every object.
+    pub s3: Option<S3Section>,
+}
+
+/// `[packager.s3]`: where the HLS goes for the CDN. Credentials come from the standard AWS
+/// chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity, ECS, IMDS).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Section {
+    /// AWS region of the bucket.
+    pub region: String,
+    /// Endpoint URL of an S3-compatible store (e.g. http://127.0.0.1:9000); unset for AWS.
+    pub endpoint: Option<String>,
+    /// Bucket name (required).
+    pub bucket: String,
+    /// Key prefix: objects go to `{prefix}/{broadcast}/...`.
+    pub prefix: String,
+    /// Path-style addressing (needed by most local S3-compatible servers).
+    pub path_style: bool,
+    /// Cache-Control of segments and init segments (never change once written).
+    pub cache_control_segments: String,
+    /// Cache-Control of live media playlists (about half a segment duration or less).
+    pub cache_control_playlists: String,
+    /// Cache-Control of the master playlist and of ended playlists.
+    pub cache_control_master: String,
+    /// Folder of the on-disk upload queue; each broadcast gets a sub-folder. Uploads left by a
+    /// crash are resumed from here at the next start.
+    pub spool_dir: PathBuf,
+    /// Largest size of the queue per broadcast, in bytes (default 1 GiB ≈ 11 h of 64 + 128
+    /// kbps): an S3 outage shorter than that loses nothing.
+    pub spool_max_bytes: u64,
+    /// Longest wait for one S3 request before it is retried, in seconds.
+    pub request_timeout_seconds: f64,
+}
+
+impl Default for S3Section {
+    fn default() -> Self {
+        Self {
+            region: "us-east-1".into(),
+            endpoint: None,
+            bucket: String::new(),
+            prefix: String::new(),
+            path_style: false,
+            cache_control_segments: "max-age=31536000, immutable".into(),
+            cache_control_playlists: "max-age=1".into(),
+            cache_control_master: "max-age=60".into(),
+            spool_dir: PathBuf::from("/var/lib/tern/spool"),
+            spool_max_bytes: 1 << 30,
+            request_timeout_seconds: 10.0,
+        }
+    }
+}
+
+impl S3Section {
+    /// The packager crate's view of this section.
+    pub fn settings(&self) -> tern_packager::s3::S3Settings {
+        tern_packager::s3::S3Settings {
+            region: self.region.clone(),
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+            path_style: self.path_style,
+            segment_cache_control: self.cache_control_segments.clone(),
+            playlist_cache_control: self.cache_control_playlists.clone(),
+            master_cache_control: self.cache_control_master.clone(),
+            attempt_timeout: Duration::from_secs_f64(self.request_timeout_seconds),
+            ..tern_packager::s3::S3Settings::default()
+        }
+    }
 }
 
 impl Default for PackagerSection {
@@ -288,6 +364,9 @@ impl Default for PackagerSection {
             channels: 2,
             segment_seconds: 2.0,
             window: 3,
+            record: false,
+            aac_coder: "twoloop".into(),
+            s3: None,
         }
     }
 }
@@ -502,6 +581,45 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
                 format!("rendition {}: bitrate must be 16000..=512000", r.name),
             ));
         }
+        // FFmpeg's AAC-LC encoder caps at 288 kbps per channel at 48 kHz (6144 bits per
+        // 1024-sample frame): a mono rung above that would silently come out smaller.
+        let per_channel = r.bitrate / u32::from(c.packager.channels.max(1));
+        if per_channel > tern_packager::MAX_BITRATE_PER_CHANNEL {
+            return Err((
+                "packager.renditions",
+                format!(
+                    "rendition {}: {} bits/s is more than AAC-LC carries for {} channel(s) \
+                     ({} per channel)",
+                    r.name,
+                    r.bitrate,
+                    c.packager.channels,
+                    tern_packager::MAX_BITRATE_PER_CHANNEL
+                ),
+            ));
+        }
+    }
+    if !["twoloop", "fast"].contains(&c.packager.aac_coder.as_str()) {
+        return Err((
+            "packager.aac_coder",
+            "must be \"twoloop\" or \"fast\"".into(),
+        ));
+    }
+    if let Some(s3) = &c.packager.s3 {
+        if s3.bucket.is_empty() {
+            return Err(("packager.s3.bucket", "must be set".into()));
+        }
+        if !(s3.request_timeout_seconds > 0.0 && s3.request_timeout_seconds <= 300.0) {
+            return Err((
+                "packager.s3.request_timeout_seconds",
+                "must be in (0, 300]".into(),
+            ));
+        }
+        if s3.spool_max_bytes < 1 << 20 {
+            return Err((
+                "packager.s3.spool_max_bytes",
+                "must be at least 1 MiB".into(),
+            ));
+        }
     }
     if c.relay.auth.mode == AuthMode::Jwt
         && c.relay.auth.hs256_secret.is_none() == c.relay.auth.public_key.is_none()
@@ -711,6 +829,40 @@ mod tests {
             jail.create_file("t.toml", "[http]\nlisten = \"127.0.0.1:9000\"\n")?;
             let c = load(Some(Path::new("t.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.http.listen, "127.0.0.1:9000".parse().unwrap());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn s3_section_from_file_and_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "s.toml",
+                "[packager]\nrecord = true\n[packager.s3]\nbucket = \"hls\"\npath_style = true\n",
+            )?;
+            jail.set_env("TERN_PACKAGER__S3__ENDPOINT", "http://127.0.0.1:9000");
+            let c = load(Some(Path::new("s.toml")), &Overrides::default()).unwrap();
+            assert!(c.packager.record);
+            let s3 = c.packager.s3.unwrap();
+            assert_eq!(s3.bucket, "hls");
+            assert!(s3.path_style);
+            assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+            assert_eq!(s3.cache_control_segments, "max-age=31536000, immutable");
+            assert_eq!(s3.cache_control_playlists, "max-age=1");
+            // Environment alone creates the section too.
+            jail.set_env("TERN_PACKAGER__S3__BUCKET", "b2");
+            let c = load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.packager.s3.unwrap().bucket, "b2");
+            jail.create_file("n.toml", "[packager.s3]\nregion = \"eu-west-1\"\n")?;
+            jail.clear_env();
+            let e = load(Some(Path::new("n.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("bucket"), "{e}");
+            jail.create_file(
+                "m.toml",
+                "[packager]\nchannels = 1\n[[packager.renditions]]\nname = \"hi\"\nbitrate = 320000\n",
+            )?;
+            let e = load(Some(Path::new("m.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("per channel"), "{e}");
             Ok(())
         });
     }
