@@ -517,9 +517,17 @@ fn all_errors(e: figment::Error) -> figment::Error {
 
 /// An error about `key` (dotted), naming where its value came from, like figment's own.
 fn invalid(fig: &Figment, key: &str, msg: String) -> figment::Error {
+    let metadata = fig.find_metadata(key).cloned();
+    // figment names the key only when it knows where the value came from; a value left at
+    // its default (e.g. a required key that is missing) gets the key in the message instead.
+    let msg = if metadata.is_some() {
+        msg
+    } else {
+        format!("{key}: {msg}")
+    };
     let mut e = figment::Error::from(msg);
     e.path = key.split('.').map(String::from).collect();
-    e.metadata = fig.find_metadata(key).cloned();
+    e.metadata = metadata;
     e.profile = Some(figment::Profile::Default);
     e
 }
