@@ -14,8 +14,10 @@
   // More re-routes than this within REROUTE_WINDOW_MS: stop trying WebRTC, play HLS.
   const MAX_REROUTES = 3;
   const REROUTE_WINDOW_MS = 30_000;
-  // No audio packet for this long (after the first) counts as losing the relay.
-  const STALL_MS = 2000;
+  // No audio packet for this long (after the first) counts as losing the relay. Opus DTX
+  // sends a packet every 400 ms even in silence, so 700 ms without one is not a quiet
+  // speaker; with a ~100 ms re-route the listener hears about a second of silence.
+  const STALL_MS = 700;
 
   /**
    * Where to listen: { tier: "webrtc"|"hls", url, relay_id, region, reason }.
@@ -98,11 +100,10 @@
   /**
    * Calls onStall() once when audio packets stop arriving for STALL_MS after they had
    * started. A relay killed outright is only reported by ICE after its consent checks time
-   * out (about 6 s in Chromium); the packet flow says so sooner. Opus DTX still sends a
-   * packet every 400 ms in silence, so 2 s without one is not a quiet speaker. Returns a
-   * function that stops watching.
+   * out (about 6 s in Chromium); the packet flow says so sooner. Returns a function that
+   * stops watching.
    */
-  function watchFlow(pc, onStall, { stallMs = STALL_MS, everyMs = 250 } = {}) {
+  function watchFlow(pc, onStall, { stallMs = STALL_MS, everyMs = 100 } = {}) {
     let last = -1, since = Date.now(), done = false;
     const timer = setInterval(async () => {
       if (done || pc.connectionState === "closed") { clearInterval(timer); return; }

@@ -84,7 +84,7 @@ test("the page moves to another relay when its relay dies", { timeout: 90_000 },
   }
   const back = Date.now();
   const log = await page.evaluate(() => window.tern.iceLog);
-  // The page notices either way: ICE disconnected/failed, or no packet for 2 s.
+  // The page notices either way: ICE disconnected/failed, or no packet for 0.7 s.
   const lost = log.find((e) => e.relay === "a" && e.state.startsWith("lost:"));
   const again = log.find((e) => e.relay === "b" && (e.state === "connected" || e.state === "completed"));
   assert.ok(lost, `the page never noticed the loss of relay a: ${JSON.stringify(log)}`);
@@ -92,8 +92,8 @@ test("the page moves to another relay when its relay dies", { timeout: 90_000 },
   const detect = lost.t - killed;
   const reroute = again.t - lost.t;
   t.diagnostic(`relay killed → page noticed (${lost.state}) after ${detect} ms; → connected to b ${reroute} ms later; total ${back - killed} ms`);
-  // Noticed by the packet flow (2 s) well before Chromium's ICE consent timeout (~6 s).
-  assert.ok(detect <= 3500, `the loss was noticed ${detect} ms after the kill`);
+  // Noticed by the packet flow (0.7 s) well before Chromium's ICE consent timeout (~6 s).
+  assert.ok(detect <= 1500, `the loss was noticed ${detect} ms after the kill`);
   // "Within about one second" of noticing (route, WHEP, ICE).
   assert.ok(reroute <= 1500, `re-routing took ${reroute} ms after ${lost.state}`);
 
