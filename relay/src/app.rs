@@ -411,7 +411,8 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
 
     // The demo routes its listeners too, to its own relay, so the page's player takes the
     // same path as in production.
-    if matches!(command, Command::Demo) && cfg.router.fleet.is_empty() {
+    let auto_fleet = matches!(command, Command::Demo) && cfg.router.fleet.is_empty();
+    if auto_fleet {
         // Polled over loopback; offered to listeners as a path on this same server, so the
         // page works whatever address the browser reached it by (even with --http 0.0.0.0:…).
         let mut poll = http_addr;
@@ -453,7 +454,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         )),
         admin_separate: admin_listener.is_some(),
         ingest,
-        router: router.clone(),
+        router: std::sync::RwLock::new(router.clone()),
     });
     // Listener auth and rate limits apply on SIGHUP: rotate token keys without dropping anyone.
     {
@@ -504,13 +505,25 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         "http",
         tokio::spawn(http::serve(
             listener,
-            state,
+            state.clone(),
             http::Surface::Public,
             shutdown_rx.clone(),
         )),
     ));
     if let Some(r) = &router {
-        parts.tasks.extend(r.start(shutdown_rx.clone()).await);
+        let (generation, tasks) = start_router(r, &shutdown_rx).await;
+        parts.tasks.extend(tasks);
+        // The demo's fleet is its own relay, made at start: nothing in a file to reload.
+        if !auto_fleet {
+            reload_router(
+                state.clone(),
+                reloader.subscribe(),
+                cfg.router.clone(),
+                generation,
+                &mut parts,
+                &shutdown_rx,
+            );
+        }
     }
 
     print_banner(&command, http_addr, &cfg, &packaging_ids);
@@ -558,6 +571,72 @@ fn listener_auth(cfg: &config::AuthConfig) -> Result<tern_relay::auth::Auth> {
             (None, None) => bail!("relay.auth.mode = \"jwt\" needs a secret or a public key"),
         },
     })
+}
+
+/// Starts a router's pollers under a stop signal of their own, which global shutdown also
+/// flips, so that a reload can retire one router while the process goes on.
+async fn start_router(
+    router: &Arc<router::Router>,
+    shutdown: &watch::Receiver<bool>,
+) -> (
+    watch::Sender<bool>,
+    Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+) {
+    let (generation, stop) = watch::channel(false);
+    let (g, mut global) = (generation.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tern_relay::stopped(&mut global) => { let _ = g.send(true); }
+            // This generation was retired by a reload.
+            _ = g.closed() => {}
+        }
+    });
+    // `start` polls every relay once before returning, so a new router never routes blind.
+    let tasks = router.start(stop).await;
+    (generation, tasks)
+}
+
+/// On SIGHUP with a changed `[router]`: builds the new router, lets it poll its fleet, swaps
+/// it in, then stops the old one. An invalid section keeps the router in force.
+fn reload_router(
+    state: Arc<http::HttpState>,
+    mut latest: watch::Receiver<Arc<Config>>,
+    mut current: config::RouterConfig,
+    mut generation: watch::Sender<bool>,
+    parts: &mut Parts,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let (shutdown, mut stop) = (shutdown.clone(), shutdown.clone());
+    parts.tasks.push((
+        "router reload",
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tern_relay::stopped(&mut stop) => return,
+                    changed = latest.changed() => if changed.is_err() { return },
+                }
+                let next = latest.borrow_and_update().router.clone();
+                if next == current {
+                    continue;
+                }
+                if next.fleet.is_empty() {
+                    error!("router.fleet is empty in the new configuration: keeping the current router");
+                    continue;
+                }
+                match router::Router::new(&next) {
+                    Ok(r) => {
+                        let (g, _tasks) = start_router(&r, &shutdown).await;
+                        *state.router.write().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                        let _ = generation.send(true);
+                        generation = g;
+                        info!(relays = next.fleet.len(), "router reloaded with the new fleet");
+                        current = next;
+                    }
+                    Err(e) => error!("router not reloaded, keeping the current one: {e}"),
+                }
+            }
+        }),
+    ));
 }
 
 /// Refuses new listeners, then waits until the last one leaves or `cap` passes. A second

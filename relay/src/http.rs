@@ -63,7 +63,19 @@ pub struct HttpState {
     /// RTP ingest endpoints, if this process is an origin, and the address new ones bind to.
     pub ingest: Option<(Arc<IngestManager>, std::net::IpAddr)>,
     /// The geo-router, if this process routes (`tern router`, or a relay with a fleet).
-    pub router: Option<Arc<Router>>,
+    /// Replaced on SIGHUP when `[router]` changes.
+    pub router: std::sync::RwLock<Option<Arc<Router>>>,
+}
+
+impl HttpState {
+    /// The router in force now, if this process routes.
+    pub fn router(&self) -> Option<Arc<Router>> {
+        // Poisoning needs a panic while holding the lock, which only swaps an Arc.
+        self.router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Which listener a request came in on.
@@ -155,7 +167,7 @@ async fn route(
             r
         }
         (Method::GET, ["v1", "route", b]) => route_json(&req, st, b, peer),
-        (Method::POST, ["whep", b]) if st.relay.is_none() && st.router.is_some() => {
+        (Method::POST, ["whep", b]) if st.relay.is_none() && st.router().is_some() => {
             whep_redirect(&req, st, b, peer)
         }
         (Method::GET, ["vendor", "hls.min.js"]) => {
@@ -266,7 +278,7 @@ fn route_json(
     b: &str,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let Some(router) = &st.router else {
+    let Some(router) = st.router() else {
         return text(StatusCode::NOT_FOUND, "this node does not route listeners");
     };
     let broadcast: BroadcastId = match b.parse() {
@@ -277,7 +289,7 @@ fn route_json(
         q.split('&')
             .any(|kv| matches!(kv, "passive" | "passive=1" | "passive=true"))
     });
-    let d = decide_for(req, router, &broadcast, peer, passive);
+    let d = decide_for(req, &router, &broadcast, peer, passive);
     let mut r = with_type(
         Response::new(Body::from(serde_json::to_vec(&d).unwrap_or_default())),
         "application/json",
@@ -297,14 +309,14 @@ fn whep_redirect(
     b: &str,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let Some(router) = &st.router else {
+    let Some(router) = st.router() else {
         return text(StatusCode::NOT_FOUND, "this node does not route listeners");
     };
     let broadcast: BroadcastId = match b.parse() {
         Ok(b) => b,
         Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
     };
-    let d = decide_for(req, router, &broadcast, peer, false);
+    let d = decide_for(req, &router, &broadcast, peer, false);
     match (d.tier, HeaderValue::from_str(&d.url)) {
         (tern_geoip::Tier::Webrtc, Ok(loc)) => {
             let mut r = text(
@@ -574,7 +586,7 @@ async fn health(st: &HttpState) -> Response<Body> {
         }
         None => (json!(null), json!(null), false),
     };
-    let router = st.router.as_ref().map(|r| r.fleet_json());
+    let router = st.router().map(|r| r.fleet_json());
     let body = json!({
         "status": if draining { "draining" } else { "ok" },
         "draining": draining,

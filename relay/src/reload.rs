@@ -19,12 +19,24 @@ use crate::Error;
 /// live adds it here (and subscribes to [`Reloader`]).
 pub const LIVE_KEYS: &[&str] = &[
     "log.level",
+    // The whole router section: a reload builds a new router and swaps it in.
+    "router",
     "relay.auth.mode",
     "relay.auth.hs256_secret",
     "relay.auth.public_key",
     "relay.sessions_per_minute",
     "relay.session_burst",
 ];
+
+/// True if `key` (dotted) is a live key or lies under one (`router.fleet` under `router`).
+pub fn is_live(key: &str) -> bool {
+    LIVE_KEYS.iter().any(|k| {
+        key == *k
+            || key
+                .strip_prefix(k)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
 
 /// What a reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,12 +86,12 @@ impl Reloader {
         let previous = self.latest.borrow().clone();
         let mut out = Outcome::default();
         for key in previous.changed_keys(&new) {
-            if LIVE_KEYS.contains(&key.as_str()) {
+            if is_live(&key) {
                 out.applied.push(key);
             }
         }
         for key in self.started.changed_keys(&new) {
-            if !LIVE_KEYS.contains(&key.as_str()) {
+            if !is_live(&key) {
                 out.needs_restart.push(key);
             }
         }

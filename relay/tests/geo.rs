@@ -322,3 +322,47 @@ fleet = [
     router.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sighup_reloads_the_fleet_without_a_restart() {
+    let ok = r#"{"status":"ok","listeners":{"total":0,"per_broadcast":{},"capacity":100}}"#;
+    let a = fake_relay(Arc::new(std::sync::Mutex::new(ok.to_string())));
+    let b = fake_relay(Arc::new(std::sync::Mutex::new(ok.to_string())));
+    let dir = std::env::temp_dir().join(format!("tern-geo-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("router.toml");
+    let write = |id: &str, addr: SocketAddr| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"[router]
+default_region = "eu"
+poll_interval_ms = {POLL_MS}
+trusted_proxies = ["127.0.0.1"]
+fleet = [
+  {{ id = "{id}", region = "eu", url = "http://{addr}", latitude = 51.5, longitude = -0.1, capacity = 100 }},
+]
+"#
+            ),
+        )
+        .unwrap();
+    };
+    write("relay-a", a);
+    let router = Tern::start_with_args("router", &["--config", config.to_str().unwrap()], &[]);
+    assert_eq!(relay_of(&route(&router, "10.0.0.1", "")), "relay-a");
+
+    // Relay a is replaced by relay b in the file; the router follows on SIGHUP.
+    write("relay-b", b);
+    router.signal("HUP");
+    route_until(&router, "10.0.0.1", Duration::from_secs(5), |v| {
+        relay_of(v) == "relay-b"
+    });
+
+    // A broken file keeps the fleet in force.
+    std::fs::write(&config, "[router]\nfleet = 7\n").unwrap();
+    router.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(relay_of(&route(&router, "10.0.0.1", "")), "relay-b");
+    router.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
