@@ -94,6 +94,7 @@ else
     mirror=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1)
     mirror=${mirror:-http://deb.debian.org/debian}
     step "debootstrap bookworm from $mirror (cached in $base)"
+    mkdir -p "$ops/cache"
     rm -rf "$base.tmp"
     debootstrap --variant=minbase \
       --include=python3,systemd,libavcodec59,libavutil57,libswresample4,nftables,procps,ca-certificates \
