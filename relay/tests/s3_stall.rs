@@ -6,77 +6,10 @@
 
 mod common;
 
-use std::net::{TcpListener, UdpSocket};
-use std::sync::Arc;
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::{request, text, Tern};
-use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc};
-
-/// Frames received by a WebRTC client listening for `listen_for`: (RTP time, payload size).
-fn listen(relay_addr: std::net::SocketAddr, listen_for: Duration) -> Vec<(u64, usize)> {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let local = socket.local_addr().unwrap();
-    let mut rtc = Rtc::builder()
-        .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
-        .build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-    let mut api = rtc.sdp_api();
-    api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-    let (offer, pending) = api.apply().unwrap();
-
-    let (status, body) = request(
-        relay_addr,
-        "POST",
-        "/whep/demo",
-        Some("application/sdp"),
-        offer.to_sdp_string().as_bytes(),
-    );
-    assert_eq!(status, 201, "{}", text(body));
-    let answer = text(body);
-    assert!(answer.contains("a=ice-lite"), "the relay is ICE-lite");
-    let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
-    rtc.sdp_api().accept_answer(pending, answer).unwrap();
-
-    let mut frames = Vec::new();
-    let mut buf = vec![0u8; 2000];
-    let end = Instant::now() + listen_for;
-    while Instant::now() < end {
-        let timeout = match rtc.poll_output().unwrap() {
-            Output::Timeout(t) => t,
-            Output::Transmit(t) => {
-                socket.send_to(&t.contents, t.destination).unwrap();
-                continue;
-            }
-            Output::Event(Event::MediaData(d)) => {
-                frames.push((d.time.numer(), d.data.len()));
-                continue;
-            }
-            Output::Event(_) => continue,
-        };
-        let wait = timeout
-            .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(1), Duration::from_millis(50));
-        socket.set_read_timeout(Some(wait)).unwrap();
-        let input = match socket.recv_from(&mut buf) {
-            Ok((n, source)) => Input::Receive(
-                Instant::now(),
-                Receive {
-                    proto: Protocol::Udp,
-                    source,
-                    destination: local,
-                    contents: buf[..n].try_into().unwrap(),
-                },
-            ),
-            Err(_) => Input::Timeout(Instant::now()),
-        };
-        rtc.handle_input(input).unwrap();
-    }
-    frames
-}
 
 /// A TCP server that accepts every connection and never answers.
 fn hanging_server() -> std::net::SocketAddr {
@@ -119,7 +52,7 @@ fn hung_s3_does_not_disturb_webrtc_listeners() {
     );
     // Let the uploader get stuck first.
     std::thread::sleep(Duration::from_secs(3));
-    let frames = listen(demo.addr, Duration::from_secs(8));
+    let frames = common::listen_for(demo.addr, Duration::from_secs(8));
     // 8 s of 20 ms frames; a little slack for ICE/DTLS set-up at the start.
     assert!(frames.len() >= 370, "only {} frames in 8 s", frames.len());
     assert!(
@@ -224,7 +157,8 @@ fn kill_9_of_the_packager_leaves_the_relay_alone_and_its_spool_is_resumed() {
     let mut packager = Tern::start("package", &pkg_env);
 
     let relay_addr = relay.addr;
-    let listener = std::thread::spawn(move || listen(relay_addr, Duration::from_secs(8)));
+    let listener =
+        std::thread::spawn(move || common::listen_for(relay_addr, Duration::from_secs(8)));
     std::thread::sleep(Duration::from_secs(4));
     packager.child.kill().unwrap(); // SIGKILL
     let status = packager.child.wait().unwrap();

@@ -4,77 +4,9 @@
 
 mod common;
 
-use std::net::UdpSocket;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{free_udp, request, text, Tern};
-use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc};
-
-/// Frames received by a WebRTC client listening for `listen_for`: (RTP time, payload size).
-fn listen(relay: &Tern, listen_for: Duration) -> Vec<(u64, usize)> {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let local = socket.local_addr().unwrap();
-    let mut rtc = Rtc::builder()
-        .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
-        .build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-    let mut api = rtc.sdp_api();
-    api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
-    let (offer, pending) = api.apply().unwrap();
-
-    let (status, body) = request(
-        relay.addr,
-        "POST",
-        "/whep/demo",
-        Some("application/sdp"),
-        offer.to_sdp_string().as_bytes(),
-    );
-    assert_eq!(status, 201, "{}", text(body));
-    let answer = text(body);
-    assert!(answer.contains("a=ice-lite"), "the relay is ICE-lite");
-    let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
-    rtc.sdp_api().accept_answer(pending, answer).unwrap();
-
-    let mut frames = Vec::new();
-    let mut buf = vec![0u8; 2000];
-    let end = Instant::now() + listen_for;
-    while Instant::now() < end {
-        let timeout = match rtc.poll_output().unwrap() {
-            Output::Timeout(t) => t,
-            Output::Transmit(t) => {
-                socket.send_to(&t.contents, t.destination).unwrap();
-                continue;
-            }
-            Output::Event(Event::MediaData(d)) => {
-                frames.push((d.time.numer(), d.data.len()));
-                continue;
-            }
-            Output::Event(_) => continue,
-        };
-        let wait = timeout
-            .saturating_duration_since(Instant::now())
-            .clamp(Duration::from_millis(1), Duration::from_millis(50));
-        socket.set_read_timeout(Some(wait)).unwrap();
-        let input = match socket.recv_from(&mut buf) {
-            Ok((n, source)) => Input::Receive(
-                Instant::now(),
-                Receive {
-                    proto: Protocol::Udp,
-                    source,
-                    destination: local,
-                    contents: buf[..n].try_into().unwrap(),
-                },
-            ),
-            Err(_) => Input::Timeout(Instant::now()),
-        };
-        rtc.handle_input(input).unwrap();
-    }
-    frames
-}
 
 #[test]
 fn origin_relay_and_packager_run_as_separate_processes() {
@@ -104,7 +36,7 @@ fn origin_relay_and_packager_run_as_separate_processes() {
     let packager = Tern::start("package", &pkg_env);
 
     // WebRTC through the relay: Opus frames 20 ms apart, in order, for the whole window.
-    let frames = listen(&relay, Duration::from_secs(4));
+    let frames = common::listen_for(relay.addr, Duration::from_secs(4));
     assert!(frames.len() >= 100, "only {} frames in 4 s", frames.len());
     assert!(
         frames.windows(2).all(|w| w[1].0 == w[0].0 + 960),

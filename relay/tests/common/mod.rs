@@ -109,31 +109,7 @@ pub fn request(
     content_type: Option<&str>,
     body: &[u8],
 ) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    // The server may answer (413) before reading a large body; a failed write is fine then.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response");
-    let status: u16 = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
+    let (status, body, _) = request_full(addr, method, path, content_type, body, None);
     (status, body)
 }
 
@@ -157,6 +133,8 @@ pub struct Listener {
     pub frames: std::sync::Arc<std::sync::Mutex<Vec<(u64, usize)>>>,
     /// The WHEP session URL path.
     pub location: String,
+    /// The relay's SDP answer.
+    pub answer: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -196,7 +174,8 @@ impl Listener {
         if status != 201 {
             return Err((status, text(body)));
         }
-        let answer = SdpAnswer::from_sdp_string(&text(body)).unwrap();
+        let answer_sdp = text(body);
+        let answer = SdpAnswer::from_sdp_string(&answer_sdp).unwrap();
         rtc.sdp_api().accept_answer(pending, answer).unwrap();
 
         let frames = Arc::new(Mutex::new(Vec::new()));
@@ -245,6 +224,7 @@ impl Listener {
         Ok(Self {
             frames,
             location: location.unwrap_or_default(),
+            answer: answer_sdp,
             stop,
             thread: Some(thread),
         })
@@ -301,6 +281,7 @@ pub fn request_full(
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before reading a large body; a failed write is fine then.
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
@@ -317,7 +298,14 @@ pub fn request_full(
                 .or_else(|| l.strip_prefix("Location: "))
         })
         .map(str::to_owned);
-    (status, raw[split + 4..].to_vec(), location)
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body, location)
 }
 
 impl Tern {
@@ -407,4 +395,15 @@ impl Drop for CutProxy {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Listens to `demo` at `relay` for `dur` over WebRTC (the relay must admit it and answer as
+/// ICE-lite); returns the frames received: (RTP time, payload size).
+pub fn listen_for(relay: SocketAddr, dur: Duration) -> Vec<(u64, usize)> {
+    let l = Listener::start(relay, "demo", None)
+        .unwrap_or_else(|(status, body)| panic!("WHEP POST answered {status}: {body}"));
+    assert!(l.answer.contains("a=ice-lite"), "the relay is ICE-lite");
+    std::thread::sleep(dur);
+    let frames = l.frames.lock().unwrap().clone();
+    frames
 }
