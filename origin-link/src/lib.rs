@@ -87,7 +87,9 @@ pub enum Error {
 /// Ids appear in URLs, object keys and file paths, so the character set is closed: an id can
 /// never contain a path separator or `..`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BroadcastId(String);
+// Shared, not owned: ids are cloned per frame on the way to listeners, so a clone is a
+// reference count, not an allocation.
+pub struct BroadcastId(std::sync::Arc<str>);
 
 impl BroadcastId {
     /// The id as text.
@@ -104,7 +106,7 @@ impl FromStr for BroadcastId {
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if ok {
-            Ok(Self(s.to_owned()))
+            Ok(Self(s.into()))
         } else {
             Err(Error::InvalidBroadcastId(s.chars().take(80).collect()))
         }
