@@ -254,21 +254,33 @@ async fn route(
     resp
 }
 
-/// The router's answer for the client of this request.
+/// The router's answer for the client of this request, or the response that says why
+/// there is none (no router here, or no such broadcast).
+// The error is the HTTP answer itself, built once per request: no need to box it.
+#[allow(clippy::result_large_err)]
 fn decide_for(
     req: &Request<Incoming>,
-    router: &Router,
-    broadcast: &BroadcastId,
+    st: &HttpState,
+    b: &str,
     peer: SocketAddr,
     passive: bool,
-) -> tern_geoip::Decision {
+) -> Result<tern_geoip::Decision, Response<Body>> {
+    let Some(router) = st.router() else {
+        return Err(text(
+            StatusCode::NOT_FOUND,
+            "this node does not route listeners",
+        ));
+    };
+    let broadcast: BroadcastId = b
+        .parse()
+        .map_err(|e: tern_origin_link::Error| text(StatusCode::NOT_FOUND, e.to_string()))?;
     let xff = req
         .headers()
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok());
     let client = router.client_ip(peer.ip(), xff);
-    router.route(broadcast, client, passive)
+    Ok(router.route(&broadcast, client, passive))
 }
 
 /// `GET /v1/route/{broadcast}[?passive=1]`: JSON {tier, url, relay_id, region, reason}.
@@ -278,18 +290,14 @@ fn route_json(
     b: &str,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let Some(router) = st.router() else {
-        return text(StatusCode::NOT_FOUND, "this node does not route listeners");
-    };
-    let broadcast: BroadcastId = match b.parse() {
-        Ok(b) => b,
-        Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
-    };
     let passive = req.uri().query().is_some_and(|q| {
         q.split('&')
             .any(|kv| matches!(kv, "passive" | "passive=1" | "passive=true"))
     });
-    let d = decide_for(req, &router, &broadcast, peer, passive);
+    let d = match decide_for(req, st, b, peer, passive) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
     let mut r = with_type(
         Response::new(Body::from(serde_json::to_vec(&d).unwrap_or_default())),
         "application/json",
@@ -309,14 +317,10 @@ fn whep_redirect(
     b: &str,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let Some(router) = st.router() else {
-        return text(StatusCode::NOT_FOUND, "this node does not route listeners");
+    let d = match decide_for(req, st, b, peer, false) {
+        Ok(d) => d,
+        Err(r) => return r,
     };
-    let broadcast: BroadcastId = match b.parse() {
-        Ok(b) => b,
-        Err(e) => return text(StatusCode::NOT_FOUND, e.to_string()),
-    };
-    let d = decide_for(req, &router, &broadcast, peer, false);
     match (d.tier, HeaderValue::from_str(&d.url)) {
         (tern_geoip::Tier::Webrtc, Ok(loc)) => {
             let mut r = text(
