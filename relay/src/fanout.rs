@@ -765,6 +765,29 @@ mod tests {
         }
     }
 
+    /// Lets `dur` of virtual time pass with no frames.
+    fn idle(f: &mut Fanout, clients: &mut [Client], now: &mut Instant, dur: Duration) {
+        run(f, clients, now, dur, |_, _, _| {});
+    }
+
+    /// Feeds one frame every 20 ms for `dur`, numbered from `first`; returns how many.
+    fn feed(
+        f: &mut Fanout,
+        clients: &mut [Client],
+        now: &mut Instant,
+        dur: Duration,
+        first: u64,
+    ) -> u64 {
+        let mut n = 0;
+        run(f, clients, now, dur, |f, now, tick| {
+            if tick % 20 == 0 {
+                f.handle_frame(&demo(), &frame(first + n), now);
+                n += 1;
+            }
+        });
+        n
+    }
+
     fn connect(f: &mut Fanout, n: usize, now: Instant) -> (Vec<Client>, Vec<ListenerId>) {
         let mut clients = Vec::new();
         let mut ids = Vec::new();
@@ -794,30 +817,12 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 2, now);
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_secs(2),
-            |_, _, _| {},
-        );
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
         assert!(
             clients.iter().all(|c| c.connected),
             "ICE/DTLS did not complete"
         );
-        let mut seq = 0;
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_secs(1),
-            |f, now, tick| {
-                if tick % 20 == 0 {
-                    f.handle_frame(&demo(), &frame(seq), now);
-                    seq += 1;
-                }
-            },
-        );
+        let seq = feed(&mut f, &mut clients, &mut now, Duration::from_secs(1), 0);
         for c in &clients {
             assert_eq!(c.received.len() as u64, seq, "every frame arrives");
             for (i, (ts, data)) in c.received.iter().enumerate() {
@@ -837,46 +842,22 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 1, now);
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_secs(2),
-            |_, _, _| {},
-        );
-        let mut seq = 0;
-        run(
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
+        let seq = feed(
             &mut f,
             &mut clients,
             &mut now,
             Duration::from_millis(500),
-            |f, now, tick| {
-                if tick % 20 == 0 {
-                    f.handle_frame(&demo(), &frame(seq + 5_000), now);
-                    seq += 1;
-                }
-            },
+            5_000,
         );
         // 1.5 s without frames, then the origin comes back counting from zero.
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_millis(1500),
-            |_, _, _| {},
-        );
-        let mut seq2 = 0;
-        run(
+        idle(&mut f, &mut clients, &mut now, Duration::from_millis(1500));
+        let seq2 = feed(
             &mut f,
             &mut clients,
             &mut now,
             Duration::from_millis(500),
-            |f, now, tick| {
-                if tick % 20 == 0 {
-                    f.handle_frame(&demo(), &frame(seq2), now);
-                    seq2 += 1;
-                }
-            },
+            0,
         );
         let got = &clients[0].received;
         assert_eq!(got.len() as u64, seq + seq2);
@@ -899,13 +880,7 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 1, now);
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_secs(2),
-            |_, _, _| {},
-        );
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
         let other: BroadcastId = "other".parse().unwrap();
         run(
             &mut f,
@@ -961,13 +936,7 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, _) = connect(&mut f, 1, now);
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_secs(2),
-            |_, _, _| {},
-        );
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
         let attacker: SocketAddr = "10.9.9.9:666".parse().unwrap();
         let victim = clients[0].addr;
         let mut seq = 0;
@@ -996,13 +965,7 @@ mod tests {
         let mut now = Instant::now();
         let mut f = fanout();
         let (mut clients, ids) = connect(&mut f, 2, now);
-        run(
-            &mut f,
-            &mut clients,
-            &mut now,
-            Duration::from_secs(2),
-            |_, _, _| {},
-        );
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
         assert!(f.remove_listener(ids[0]));
         assert!(!f.remove_listener(ids[0]));
         // A listener whose offer was accepted but who never sends a packet.
