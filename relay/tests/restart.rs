@@ -8,15 +8,21 @@ use std::time::{Duration, Instant};
 
 use common::{free_udp, CutProxy, Listener, Tern};
 
-fn pki(dir: &std::path::Path) {
+/// `tern certs --dir DIR NAME NAMES...`: the fleet CA (made once) and NAME's certificate.
+fn certs(dir: &std::path::Path, name: &str, names: &[&str]) {
     let ok = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["certs", "--dir"])
         .arg(dir)
-        .args(["origin", "localhost", "127.0.0.1"])
+        .arg(name)
+        .args(names)
         .status()
         .unwrap()
         .success();
     assert!(ok, "tern certs");
+}
+
+fn pki(dir: &std::path::Path) {
+    certs(dir, "origin", &["localhost", "127.0.0.1"]);
 }
 
 fn origin_env(dir: &std::path::Path, addr: std::net::SocketAddr) -> Vec<(&'static str, String)> {
@@ -136,14 +142,7 @@ fn listeners_survive_a_ten_second_link_cut() {
 fn the_origin_refuses_relays_without_a_fleet_certificate() {
     let dir = std::env::temp_dir().join(format!("tern-mtls-{}", std::process::id()));
     pki(&dir);
-    let ok = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["certs", "--dir"])
-        .arg(&dir)
-        .args(["relay-1", "relay-1.example.net"])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    certs(&dir, "relay-1", &["relay-1.example.net"]);
     let origin_addr = free_udp();
     let mut env = origin_env(&dir, origin_addr);
     env.push((
