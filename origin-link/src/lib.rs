@@ -23,7 +23,7 @@ pub mod testsrc;
 pub mod tls;
 pub mod wire;
 
-pub use origin::{Origin, Registry};
+pub use origin::{Feed, Origin, Registry, Source};
 pub use subscriber::{Subscription, Upstream};
 pub use wire::{Frame, Message};
 
@@ -80,6 +80,45 @@ pub enum Error {
     /// The media encoder of the test source failed.
     #[error("test source: {0}")]
     TestSource(String),
+    /// The subscription would loop back through a node already on its path, or the path is
+    /// longer than [`MAX_HOPS`].
+    #[error("subscription refused: {0}")]
+    Loop(String),
+}
+
+/// Most links a subscription may pass through (origin → hub → edge → packager is 3). A
+/// longer path is refused, so a loop that somehow avoids detection still ends.
+pub const MAX_HOPS: usize = 8;
+
+/// The identity of one link node (an origin or a relay serving the link), carried in
+/// [`Message::Subscribe`] so that a subscription that comes back to a node is refused.
+///
+/// Random per process start: loop detection needs uniqueness, not a name an operator picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeId(u64);
+
+impl NodeId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        // 62 bits: every id fits a one-value QUIC varint.
+        Self(rand::random::<u64>() & wire::VARINT_MAX)
+    }
+
+    /// The id as carried on the wire.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// An id read from the wire.
+    pub fn from_wire(v: u64) -> Self {
+        Self(v & wire::VARINT_MAX)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 /// The id of a broadcast: 1 to 64 characters of `[A-Za-z0-9_-]`.

@@ -1,15 +1,23 @@
-//! The origin side: a registry of live broadcasts and the QUIC server that serves them.
+//! The serving side of the link: a registry of live broadcasts and the QUIC server that
+//! serves them.
 //!
 //! A subscriber opens one bidirectional stream per broadcast and sends
-//! [`Message::Subscribe`]; the origin answers [`Message::SubscribeOk`] and then writes every
+//! [`Message::Subscribe`]; the server answers [`Message::SubscribeOk`] and then writes every
 //! frame of that broadcast on the same stream, or [`Message::SubscribeError`] and finishes.
+//!
+//! The server asks a [`Source`] for broadcasts: at the origin that is the [`Registry`] its
+//! publishers fill; at a relay serving the link (a cascade: origin → hub → edge) it is the
+//! relay itself, which subscribes upstream on demand. Each request carries the nodes it has
+//! passed through, and a server refuses one that already went through it: a loop.
 //!
 //! Memory is bounded per subscriber: frames fan out through a broadcast channel of
 //! [`BACKLOG_FRAMES`]; a subscriber that falls further behind (its QUIC stream is flow
 //! controlled) skips the frames it missed instead of making the origin buffer them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::tls::{self, Identity};
 use crate::wire::{self, Codec, Frame, Message, SubscribeErrorCode};
-use crate::{BroadcastId, Error};
+use crate::{BroadcastId, Error, NodeId, MAX_HOPS};
 
 /// Frames a subscriber may lag behind before it skips ahead (64 × 20 ms = 1.28 s).
 pub const BACKLOG_FRAMES: usize = 64;
@@ -116,16 +124,46 @@ impl Drop for Publisher {
     }
 }
 
-/// The origin's QUIC server.
+/// A live feed of one broadcast, as a [`Source`] hands it to the server.
+pub struct Feed {
+    /// Channel count of the source (1 or 2).
+    pub channels: u8,
+    /// The frames, from now on. A receiver that lags skips ahead (see [`BACKLOG_FRAMES`]).
+    pub frames: broadcast::Receiver<Frame>,
+}
+
+/// The future a [`Source`] returns.
+pub type FeedFuture<'a> = Pin<Box<dyn Future<Output = Result<Feed, Error>> + Send + 'a>>;
+
+/// Where a link server finds the broadcasts it serves.
+pub trait Source: Send + Sync + 'static {
+    /// A feed of `broadcast` for a subscriber whose request passed through `via` (the nodes
+    /// before this one; a source that subscribes further upstream passes them on). [`Error::NotFound`] and [`Error::Loop`] reach the subscriber with their own
+    /// codes; any other error as a refusal with its text.
+    fn feed<'a>(&'a self, broadcast: &'a BroadcastId, via: &'a [NodeId]) -> FeedFuture<'a>;
+}
+
+impl Source for Registry {
+    fn feed<'a>(&'a self, broadcast: &'a BroadcastId, _via: &'a [NodeId]) -> FeedFuture<'a> {
+        let found = self.subscribe(broadcast);
+        Box::pin(async move {
+            let (channels, frames) = found.ok_or_else(|| Error::NotFound(broadcast.clone()))?;
+            Ok(Feed { channels, frames })
+        })
+    }
+}
+
+/// The link's QUIC server: an origin's, or a relay's when relays cascade.
 pub struct Origin {
     endpoint: quinn::Endpoint,
-    registry: Registry,
+    source: Arc<dyn Source>,
+    node: NodeId,
 }
 
 impl Origin {
     /// Binds the QUIC server on `addr` (port 0 picks a free port).
-    pub fn bind(addr: SocketAddr, identity: Identity, registry: Registry) -> Result<Self, Error> {
-        Self::bind_with(addr, identity, registry, None)
+    pub fn bind(addr: SocketAddr, identity: Identity, source: impl Source) -> Result<Self, Error> {
+        Self::bind_with(addr, identity, source, None)
     }
 
     /// Like [`Origin::bind`]; with `client_roots`, subscribers must present a certificate
@@ -133,7 +171,7 @@ impl Origin {
     pub fn bind_with(
         addr: SocketAddr,
         identity: Identity,
-        registry: Registry,
+        source: impl Source,
         client_roots: Option<Vec<tls::CertificateDer<'static>>>,
     ) -> Result<Self, Error> {
         let endpoint_config = tls::endpoint_config(&identity);
@@ -144,7 +182,23 @@ impl Origin {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        Ok(Self { endpoint, registry })
+        Ok(Self {
+            endpoint,
+            source: Arc::new(source),
+            node: NodeId::random(),
+        })
+    }
+
+    /// Uses `node` as this server's id in loop detection. A relay that serves the link gives
+    /// its server and its [`crate::Upstream`] the same id.
+    pub fn with_node_id(mut self, node: NodeId) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// This server's id in loop detection.
+    pub fn node_id(&self) -> NodeId {
+        self.node
     }
 
     /// The bound address.
@@ -159,11 +213,12 @@ impl Origin {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let registry = self.registry.clone();
+                    let source = self.source.clone();
+                    let node = self.node;
                     tokio::spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
-                            Ok(conn) => serve_connection(conn, registry).await,
+                            Ok(conn) => serve_connection(conn, source, node).await,
                             Err(e) => {
                                 metrics::counter!("tern_origin_link_refused_total").increment(1);
                                 warn!(%remote, "origin-link peer refused: {e}");
@@ -180,16 +235,16 @@ impl Origin {
     }
 }
 
-async fn serve_connection(conn: quinn::Connection, registry: Registry) {
+async fn serve_connection(conn: quinn::Connection, source: Arc<dyn Source>, node: NodeId) {
     let remote = conn.remote_address();
     info!(%remote, "origin-link subscriber connected");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let registry = registry.clone();
+                let source = source.clone();
                 let conn = conn.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, &registry).await {
+                    if let Err(e) = serve_stream(send, recv, &*source, node).await {
                         if let Error::Protocol(reason) = &e {
                             warn!(%remote, "closing origin-link connection: {reason}");
                             conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
@@ -210,13 +265,14 @@ async fn serve_connection(conn: quinn::Connection, registry: Registry) {
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    registry: &Registry,
+    source: &dyn Source,
+    node: NodeId,
 ) -> Result<(), Error> {
     let request = tokio::time::timeout(SUBSCRIBE_TIMEOUT, read_message(&mut recv))
         .await
         .map_err(|_| Error::Protocol("no Subscribe within 5 s".into()))??;
-    let broadcast = match request {
-        Some(Message::Subscribe { broadcast }) => broadcast,
+    let (broadcast, via) = match request {
+        Some(Message::Subscribe { broadcast, via }) => (broadcast, via),
         Some(other) => {
             return Err(Error::Protocol(format!(
                 "expected Subscribe as the first message, got {other:?}"
@@ -225,17 +281,40 @@ async fn serve_stream(
         None => return Ok(()),
     };
     let mut buf = BytesMut::new();
-    let Some((channels, mut rx)) = registry.subscribe(&broadcast) else {
-        wire::encode(
-            &Message::SubscribeError {
-                code: SubscribeErrorCode::NotFound,
-                reason: format!("no broadcast named {broadcast}"),
-            },
-            &mut buf,
-        );
-        send.write_all(&buf).await?;
-        let _ = send.finish();
-        return Ok(());
+    let found = if via.contains(&node) {
+        Err(Error::Loop(format!(
+            "{broadcast} would loop: node {node} is already on the path"
+        )))
+    } else if via.len() >= MAX_HOPS {
+        Err(Error::Loop(format!(
+            "{broadcast} has passed {} links, more than {MAX_HOPS}",
+            via.len()
+        )))
+    } else {
+        source.feed(&broadcast, &via).await
+    };
+    let (channels, mut rx) = match found {
+        Ok(feed) => (feed.channels, feed.frames),
+        Err(e) => {
+            let code = match &e {
+                Error::NotFound(_) => SubscribeErrorCode::NotFound,
+                Error::Loop(_) => SubscribeErrorCode::Loop,
+                _ => SubscribeErrorCode::Refused,
+            };
+            if code == SubscribeErrorCode::Loop {
+                metrics::counter!("tern_origin_link_loops_refused_total").increment(1);
+                warn!(%broadcast, "refusing subscription: {e}");
+            }
+            let reason = match e {
+                Error::NotFound(_) => format!("no broadcast named {broadcast}"),
+                Error::Loop(r) => r,
+                other => other.to_string(),
+            };
+            wire::encode(&Message::SubscribeError { code, reason }, &mut buf);
+            send.write_all(&buf).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
     };
     info!(%broadcast, "subscription started");
     wire::encode(

@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use crate::origin::read_next;
 use crate::wire::{self, Frame, Message, SubscribeErrorCode};
-use crate::{tls, BroadcastId, Error};
+use crate::{tls, BroadcastId, Error, NodeId};
 
 /// How long connecting or subscribing may take before it counts as a failure. Short, so
 /// that while a link is down the attempts keep coming about every second or two, and the
@@ -27,6 +27,7 @@ pub struct Upstream {
     addr: SocketAddr,
     server_name: String,
     conn: Mutex<Option<quinn::Connection>>,
+    node: NodeId,
 }
 
 impl Upstream {
@@ -59,7 +60,20 @@ impl Upstream {
             addr,
             server_name: server_name.to_owned(),
             conn: Mutex::new(None),
+            node: NodeId::random(),
         })
+    }
+
+    /// Uses `node` as this subscriber's id on the path of its subscriptions. A relay that
+    /// also serves the link gives its server the same id, so a loop through it is seen.
+    pub fn with_node_id(mut self, node: NodeId) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// This subscriber's id on the path of its subscriptions.
+    pub fn node_id(&self) -> NodeId {
+        self.node
     }
 
     /// The upstream's address.
@@ -93,6 +107,19 @@ impl Upstream {
     /// Subscribes to `broadcast`. Fails with [`Error::NotFound`] if the origin has no such
     /// broadcast.
     pub async fn subscribe(&self, broadcast: &BroadcastId) -> Result<Subscription, Error> {
+        self.subscribe_via(broadcast, &[]).await
+    }
+
+    /// Subscribes to `broadcast` on behalf of a downstream request that passed through
+    /// `via`; this node is added to the path. Fails with [`Error::Loop`] if the upstream
+    /// finds itself on it.
+    pub async fn subscribe_via(
+        &self,
+        broadcast: &BroadcastId,
+        via: &[NodeId],
+    ) -> Result<Subscription, Error> {
+        let mut path = via.to_vec();
+        path.push(self.node);
         let conn = self.connection().await?;
         tokio::time::timeout(SETUP_TIMEOUT, async {
             let (mut send, mut recv) = conn.open_bi().await?;
@@ -100,6 +127,7 @@ impl Upstream {
             wire::encode(
                 &Message::Subscribe {
                     broadcast: broadcast.clone(),
+                    via: path,
                 },
                 &mut buf,
             );
@@ -116,6 +144,10 @@ impl Upstream {
                     code: SubscribeErrorCode::NotFound,
                     ..
                 }) => Err(Error::NotFound(broadcast.clone())),
+                Some(Message::SubscribeError {
+                    code: SubscribeErrorCode::Loop,
+                    reason,
+                }) => Err(Error::Loop(reason)),
                 Some(Message::SubscribeError { reason, .. }) => Err(Error::Refused(reason)),
                 Some(other) => Err(Error::Protocol(format!(
                     "expected a reply to Subscribe, got {other:?}"

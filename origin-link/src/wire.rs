@@ -14,7 +14,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::{BroadcastId, Error};
+use crate::{BroadcastId, Error, NodeId};
 
 /// Largest message body accepted. A 20 ms Opus frame is at most 1275 bytes; control messages
 /// are tiny. Anything larger is a broken or hostile peer.
@@ -25,6 +25,10 @@ pub const MAX_PAYLOAD_LEN: usize = 8 * 1024;
 
 /// Largest reason string in a [`Message::SubscribeError`].
 const MAX_REASON_LEN: usize = 1024;
+
+/// Largest `via` list accepted in a [`Message::Subscribe`]. Longer than [`crate::MAX_HOPS`]
+/// so that a too-long path is refused with a reason rather than treated as garbage.
+pub const MAX_VIA: usize = 32;
 
 const T_SUBSCRIBE: u64 = 0x01;
 const T_SUBSCRIBE_OK: u64 = 0x02;
@@ -62,6 +66,8 @@ pub enum SubscribeErrorCode {
     NotFound,
     /// The origin refuses for another reason (overloaded, draining, ...).
     Refused,
+    /// The subscription would pass through a node already on its path, or too many hops.
+    Loop,
 }
 
 impl SubscribeErrorCode {
@@ -69,6 +75,7 @@ impl SubscribeErrorCode {
         match self {
             Self::NotFound => 1,
             Self::Refused => 2,
+            Self::Loop => 3,
         }
     }
 
@@ -76,6 +83,7 @@ impl SubscribeErrorCode {
         // Unknown codes from a newer peer still mean "no"; they are not a protocol error.
         match code {
             1 => Self::NotFound,
+            3 => Self::Loop,
             _ => Self::Refused,
         }
     }
@@ -102,6 +110,9 @@ pub enum Message {
     Subscribe {
         /// Which broadcast to receive.
         broadcast: BroadcastId,
+        /// The link nodes this request has passed through, first subscriber first; the
+        /// sender is the last. An upstream that finds itself here refuses (a loop).
+        via: Vec<NodeId>,
     },
     /// Origin → subscriber: the subscription is live; frames follow on the same stream.
     SubscribeOk {
@@ -125,8 +136,14 @@ pub enum Message {
 pub fn encode(msg: &Message, buf: &mut BytesMut) {
     let mut body = BytesMut::new();
     let ty = match msg {
-        Message::Subscribe { broadcast } => {
+        Message::Subscribe { broadcast, via } => {
             put_bytes(&mut body, broadcast.as_str().as_bytes());
+            // Encoders never exceed the limit a decoder enforces.
+            let via = &via[..via.len().min(MAX_VIA)];
+            put_varint(&mut body, via.len() as u64);
+            for node in via {
+                put_varint(&mut body, node.get());
+            }
             T_SUBSCRIBE
         }
         Message::SubscribeOk { codec, channels } => {
@@ -197,9 +214,17 @@ fn parse_body(ty: u64, body: &mut Bytes) -> Result<Message, Error> {
             let raw = take_bytes(body, "broadcast id")?;
             let id = std::str::from_utf8(&raw)
                 .map_err(|_| Error::Protocol("broadcast id is not UTF-8".into()))?;
-            Ok(Message::Subscribe {
-                broadcast: id.parse()?,
-            })
+            let broadcast = id.parse()?;
+            let hops = take_varint(body, "via count")?;
+            if hops > MAX_VIA as u64 {
+                return Err(Error::Protocol(format!(
+                    "via list of {hops} nodes exceeds the limit of {MAX_VIA}"
+                )));
+            }
+            let via = (0..hops)
+                .map(|_| take_varint(body, "via node").map(NodeId::from_wire))
+                .collect::<Result<_, _>>()?;
+            Ok(Message::Subscribe { broadcast, via })
         }
         T_SUBSCRIBE_OK => {
             let codec = Codec::from_code(take_varint(body, "codec")?)?;
@@ -316,6 +341,11 @@ mod tests {
         vec![
             Message::Subscribe {
                 broadcast: "demo".parse().unwrap(),
+                via: vec![],
+            },
+            Message::Subscribe {
+                broadcast: "hub".parse().unwrap(),
+                via: vec![NodeId::from_wire(7), NodeId::from_wire(VARINT_MAX)],
             },
             Message::SubscribeOk {
                 codec: Codec::Opus,
@@ -377,9 +407,12 @@ mod tests {
     fn malformed_messages_are_errors() {
         let cases: Vec<(u64, Vec<u8>)> = vec![
             (0x7f, vec![]),                           // unknown type
+            (T_SUBSCRIBE, vec![1, b'a']),             // no via count
+            (T_SUBSCRIBE, vec![1, b'a', 2, 5]),       // via shorter than its count
+            (T_SUBSCRIBE, vec![1, b'a', 33]),         // via over the limit
             (T_SUBSCRIBE, vec![3, b'a', b'/', b'b']), // id with a slash
             (T_SUBSCRIBE, vec![2, 0xff, 0xfe]),       // not UTF-8
-            (T_SUBSCRIBE, vec![0]),                   // empty id
+            (T_SUBSCRIBE, vec![0, 0]),                // empty id
             (T_SUBSCRIBE_OK, vec![9, 2]),             // unknown codec
             (T_SUBSCRIBE_OK, vec![1, 7]),             // 7 channels
             (T_FRAME, vec![1, 2, 3, 0]),              // empty payload

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use tern_origin_link::tls::{self, Identity};
 use tern_origin_link::wire::{self, Frame, Message};
-use tern_origin_link::{BroadcastId, Error, Origin, Registry, Upstream};
+use tern_origin_link::{BroadcastId, Error, NodeId, Origin, Registry, Upstream, MAX_HOPS};
 
 fn frame(seq: u64) -> Frame {
     Frame {
@@ -21,6 +21,7 @@ struct Setup {
     addr: std::net::SocketAddr,
     cert: rustls::pki_types::CertificateDer<'static>,
     registry: Registry,
+    node: NodeId,
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -30,6 +31,7 @@ async fn start() -> Setup {
     let registry = Registry::new();
     let origin = Origin::bind("127.0.0.1:0".parse().unwrap(), id, registry.clone()).unwrap();
     let addr = origin.local_addr().unwrap();
+    let node = origin.node_id();
     let (stop, stopped) = tokio::sync::oneshot::channel();
     tokio::spawn(origin.run(async move {
         let _ = stopped.await;
@@ -38,8 +40,38 @@ async fn start() -> Setup {
         addr,
         cert,
         registry,
+        node,
         stop,
     }
+}
+
+#[tokio::test]
+async fn a_path_through_the_server_itself_or_too_long_is_refused() {
+    let s = start().await;
+    let demo: BroadcastId = "demo".parse().unwrap();
+    let _publisher = s.registry.publish(demo.clone(), 1);
+    let roots = std::slice::from_ref(&s.cert);
+
+    // A subscriber whose path already holds the server: a loop.
+    let looped = Upstream::new(s.addr, "localhost", roots)
+        .unwrap()
+        .with_node_id(s.node);
+    match looped.subscribe(&demo).await {
+        Err(Error::Loop(reason)) => assert!(reason.contains("loop"), "{reason}"),
+        other => panic!("expected a loop refusal, got {:?}", other.map(|_| ())),
+    }
+
+    // A path of MAX_HOPS nodes before the server is one hop too many.
+    let up = Upstream::new(s.addr, "localhost", roots).unwrap();
+    let long: Vec<NodeId> = (0..MAX_HOPS as u64 - 1).map(NodeId::from_wire).collect();
+    assert!(matches!(
+        up.subscribe_via(&demo, &long).await,
+        Err(Error::Loop(_))
+    ));
+    // One fewer is fine, on the same connection.
+    let ok = up.subscribe_via(&demo, &long[1..]).await.unwrap();
+    assert_eq!(ok.channels, 1);
+    let _ = s.stop.send(());
 }
 
 #[tokio::test]
@@ -124,6 +156,7 @@ async fn a_hostile_peer_is_cut_off_and_others_keep_receiving() {
     wire::encode(
         &Message::Subscribe {
             broadcast: demo.clone(),
+            via: vec![],
         },
         &mut big,
     );

@@ -330,6 +330,9 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         )
         .await?;
         parts.tasks.push(("relay", task));
+        if let Some(listen) = cfg.relay.link.listen {
+            start_link_server(&cfg, listen, &r, &mut parts, shutdown_rx.clone())?;
+        }
         relay = Some(r);
     }
 
@@ -548,6 +551,38 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
 }
 
 /// The certificate a relay or packager presents to its upstream, if configured.
+/// Serves the origin link from this relay (a cascade hop): downstream relays and packagers
+/// subscribe here, and the relay pulls each broadcast from its own upstream once.
+fn start_link_server(
+    cfg: &Config,
+    listen: std::net::SocketAddr,
+    relay: &node::Relay,
+    parts: &mut Parts,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let link = &cfg.relay.link;
+    let (Some(cert), Some(key)) = (&link.cert, &link.key) else {
+        // config::load validated this.
+        bail!("relay.link.listen needs relay.link.cert and relay.link.key");
+    };
+    let identity = Identity::from_pem_files(cert, key)?;
+    let client_roots = match &link.client_ca {
+        Some(path) => Some(tls::load_certs(path)?),
+        None => None,
+    };
+    let server = Origin::bind_with(listen, identity, relay.clone(), client_roots)
+        .with_context(|| format!("binding relay.link.listen {listen}"))?
+        .with_node_id(relay.node_id());
+    info!(addr = %server.local_addr()?, node = %relay.node_id(), "serving the origin link (QUIC)");
+    parts.tasks.push((
+        "link server",
+        tokio::spawn(server.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })),
+    ));
+    Ok(())
+}
+
 fn client_identity(cfg: &Config) -> Result<Option<Identity>> {
     match (&cfg.upstream.cert, &cfg.upstream.key) {
         (Some(c), Some(k)) => Ok(Some(Identity::from_pem_files(c, k)?)),

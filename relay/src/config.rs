@@ -201,6 +201,22 @@ pub struct RelayConfig {
     pub unsubscribe_grace_seconds: u64,
     /// Who may listen.
     pub auth: AuthConfig,
+    /// Serving the origin link to other relays and packagers (a cascade); off by default.
+    pub link: LinkServerConfig,
+}
+
+/// `[relay.link]`: this relay as an upstream for other relays and packagers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LinkServerConfig {
+    /// UDP address of the QUIC server; unset (the default) serves no link.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain downstream nodes verify (their `upstream.ca` trusts its CA).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA: when set, downstream nodes must present a certificate it issued.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for RelayConfig {
@@ -214,6 +230,7 @@ impl Default for RelayConfig {
             drain_timeout_seconds: 60,
             unsubscribe_grace_seconds: 30,
             auth: AuthConfig::default(),
+            link: LinkServerConfig::default(),
         }
     }
 }
@@ -651,6 +668,20 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     if c.relay.max_listeners == 0 {
         return Err(("relay.max_listeners", "must be at least 1".into()));
     }
+    let link = &c.relay.link;
+    if link.listen.is_some() && (link.cert.is_none() || link.key.is_none()) {
+        return Err((
+            "relay.link.listen",
+            "serving the link needs relay.link.cert and relay.link.key (tern certs makes them)"
+                .into(),
+        ));
+    }
+    if link.listen.is_some() && link.listen == Some(c.upstream.addr) {
+        return Err((
+            "relay.link.listen",
+            "is this relay's own upstream.addr: it would subscribe to itself".into(),
+        ));
+    }
     validate_router(&c.router).map_err(|m| ("router", m))
 }
 
@@ -871,6 +902,30 @@ mod tests {
             )?;
             let e = load(Some(Path::new("m.toml")), &Overrides::default()).unwrap_err();
             assert!(e.to_string().contains("per channel"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn link_server_needs_its_identity_and_not_itself_upstream() {
+        Jail::expect_with(|jail| {
+            jail.create_file("l.toml", "[relay.link]\nlisten = \"127.0.0.1:4500\"\n")?;
+            let e = load(Some(Path::new("l.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("relay.link.cert"), "{e}");
+            jail.create_file(
+                "s.toml",
+                "[upstream]\naddr = \"127.0.0.1:4500\"\n[relay.link]\nlisten = \"127.0.0.1:4500\"\n\
+                 cert = \"n.pem\"\nkey = \"n-key.pem\"\n",
+            )?;
+            let e = load(Some(Path::new("s.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("subscribe to itself"), "{e}");
+            jail.create_file(
+                "ok.toml",
+                "[upstream]\naddr = \"127.0.0.1:4443\"\n[relay.link]\nlisten = \"127.0.0.1:4500\"\n\
+                 cert = \"n.pem\"\nkey = \"n-key.pem\"\nclient_ca = \"ca.pem\"\n",
+            )?;
+            let c = load(Some(Path::new("ok.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.relay.link.listen, Some("127.0.0.1:4500".parse().unwrap()));
             Ok(())
         });
     }

@@ -583,7 +583,12 @@ async fn health(st: &HttpState) -> Response<Body> {
         Some(relay) => {
             let snap = relay.snapshot();
             (
-                json!({ "total": snap.total, "per_broadcast": snap.per_broadcast, "capacity": snap.capacity }),
+                json!({
+                    "total": snap.total,
+                    "per_broadcast": snap.per_broadcast,
+                    "capacity": snap.capacity,
+                    "link_subscribers": relay.downstream_count().await,
+                }),
                 json!(relay.upstream_states().await),
                 relay.is_draining(),
             )

@@ -3,6 +3,10 @@
 //!
 //! Nothing here decides anything about WebRTC: the core does. This file moves datagrams,
 //! frames and commands, and publishes a health snapshot after every change.
+//!
+//! A relay can also serve the origin link to other relays and packagers (a cascade): it is
+//! a [`Source`] for a link server, and a downstream subscription holds the upstream one
+//! like a listener does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,9 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tern_origin_link::{BroadcastId, Frame, Upstream};
+use tern_origin_link::origin::{FeedFuture, BACKLOG_FRAMES};
+use tern_origin_link::{BroadcastId, Feed, Frame, NodeId, Source, Upstream};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{broadcast as frames, mpsc, oneshot, watch, Mutex};
 use tracing::{debug, info, warn};
 
 use crate::fanout::{Fanout, FanoutConfig, FanoutEvent, ListenerId};
@@ -279,43 +284,95 @@ impl Relay {
             .collect()
     }
 
-    /// Subscribes to `broadcast` upstream unless already subscribed. The first subscription
-    /// is awaited so an unknown broadcast is reported to the WHEP client as such; after that a
-    /// pump task keeps it alive, resubscribing with backoff if the link breaks.
+    /// This relay's id on the origin link (its upstream's and its link server's).
+    pub fn node_id(&self) -> NodeId {
+        self.upstream.node_id()
+    }
+
+    /// Downstream link subscribers (relays and packagers pulling from this relay).
+    pub async fn downstream_count(&self) -> usize {
+        self.subscriptions
+            .lock()
+            .await
+            .values()
+            .map(|e| e.downstream.receiver_count())
+            .sum()
+    }
+
+    /// Subscribes to `broadcast` upstream unless already subscribed, for a listener.
     async fn ensure_subscribed(&self, broadcast: &BroadcastId) -> Result<(), Error> {
+        self.attach(broadcast, &[])
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                tern_origin_link::Error::NotFound(b) => Error::UnknownBroadcast(b),
+                other => Error::Upstream(other.to_string()),
+            })
+    }
+
+    /// Subscribes to `broadcast` upstream unless already subscribed, on behalf of a request
+    /// that passed through `via`, and returns a feed of its frames for a downstream link
+    /// subscriber (listeners drop it). The first subscription is awaited so an unknown
+    /// broadcast is reported as such; after that a pump task keeps it alive, resubscribing
+    /// with backoff if the link breaks.
+    async fn attach(
+        &self,
+        broadcast: &BroadcastId,
+        via: &[NodeId],
+    ) -> Result<Feed, tern_origin_link::Error> {
         // Held across the subscribe so concurrent first listeners make one subscription.
         let mut subs = self.subscriptions.lock().await;
         if let Some(entry) = subs.get_mut(broadcast) {
             entry.wanted = tokio::time::Instant::now();
-            return Ok(());
+            return Ok(Feed {
+                channels: entry.channels,
+                frames: entry.downstream.subscribe(),
+            });
         }
-        let sub = self
-            .upstream
-            .subscribe(broadcast)
-            .await
-            .map_err(|e| match e {
-                tern_origin_link::Error::NotFound(b) => Error::UnknownBroadcast(b),
-                other => Error::Upstream(other.to_string()),
-            })?;
+        let sub = self.upstream.subscribe_via(broadcast, via).await?;
         let (state_tx, state_rx) = watch::channel(UpstreamState::Live);
+        let (downstream, feed) = frames::channel(BACKLOG_FRAMES);
+        let channels = sub.channels;
         subs.insert(
             broadcast.clone(),
             SubEntry {
                 state: state_rx,
                 wanted: tokio::time::Instant::now(),
+                channels,
+                downstream: downstream.clone(),
             },
         );
         let ctx = PumpContext {
             upstream: self.upstream.clone(),
             broadcast: broadcast.clone(),
+            via: via.to_vec(),
             tx: self.tx.clone(),
+            downstream,
             state: state_tx,
             subscriptions: self.subscriptions.clone(),
             snapshot: self.snapshot.clone(),
             grace: self.grace,
         };
         tokio::spawn(pump(ctx, sub));
-        Ok(())
+        Ok(Feed {
+            channels,
+            frames: feed,
+        })
+    }
+}
+
+impl Source for Relay {
+    fn feed<'a>(&'a self, broadcast: &'a BroadcastId, via: &'a [NodeId]) -> FeedFuture<'a> {
+        Box::pin(async move {
+            if self.is_draining() {
+                return Err(tern_origin_link::Error::Refused(
+                    "this relay is draining".into(),
+                ));
+            }
+            let feed = self.attach(broadcast, via).await?;
+            info!(%broadcast, "downstream link subscriber attached");
+            Ok(feed)
+        })
     }
 }
 
@@ -325,6 +382,10 @@ struct SubEntry {
     /// Last time a listener asked for this broadcast; a subscription is kept at least a
     /// grace period after that, so a listener arriving just as the last one left is served.
     wanted: tokio::time::Instant,
+    /// Channel count of the source.
+    channels: u8,
+    /// Frames for downstream link subscribers; each holds a receiver.
+    downstream: frames::Sender<Frame>,
 }
 
 type Subscriptions = Arc<Mutex<HashMap<BroadcastId, SubEntry>>>;
@@ -333,7 +394,12 @@ type Subscriptions = Arc<Mutex<HashMap<BroadcastId, SubEntry>>>;
 struct PumpContext {
     upstream: Arc<Upstream>,
     broadcast: BroadcastId,
+    /// The path of the request that made the subscription, for resubscribing.
+    via: Vec<NodeId>,
     tx: mpsc::Sender<Command>,
+    /// Frames to downstream link subscribers. Survives resubscribing, so their streams
+    /// carry on across an upstream restart as listeners' sessions do.
+    downstream: frames::Sender<Frame>,
     state: watch::Sender<UpstreamState>,
     subscriptions: Subscriptions,
     snapshot: watch::Receiver<RelaySnapshot>,
@@ -342,13 +408,15 @@ struct PumpContext {
 
 impl PumpContext {
     /// True once nobody has listened to the broadcast for the grace period; the entry is
-    /// then removed (under the lock `ensure_subscribed` takes, so no listener can slip in).
+    /// then removed (under the lock `attach` takes, so no listener can slip in). Downstream
+    /// link subscribers count as listeners.
     async fn idle_expired(&self, idle_since: &mut Option<tokio::time::Instant>) -> bool {
         let listeners = |s: &RelaySnapshot| {
             s.per_broadcast
                 .get(self.broadcast.as_str())
                 .copied()
                 .unwrap_or(0)
+                + self.downstream.receiver_count()
         };
         if listeners(&self.snapshot.borrow()) > 0 {
             *idle_since = None;
@@ -399,6 +467,10 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
                         tern_origin_link::unix_micros_now().saturating_sub(frame.capture_time_us);
                     metrics::histogram!("tern_relay_upstream_latency_seconds")
                         .record(age_us as f64 / 1e6);
+                    if ctx.downstream.receiver_count() > 0 {
+                        // Never blocks: a lagging downstream subscriber skips ahead.
+                        let _ = ctx.downstream.send(frame.clone());
+                    }
                     let cmd = Command::Frame {
                         broadcast: broadcast.clone(),
                         frame,
@@ -428,7 +500,7 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
             }
             let jitter = rand::random_range(0..=delay.as_millis() as u64 / 2);
             tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
-            match ctx.upstream.subscribe(&broadcast).await {
+            match ctx.upstream.subscribe_via(&broadcast, &ctx.via).await {
                 Ok(s) => break s,
                 Err(e) => {
                     debug!(%broadcast, "resubscribe failed: {e}");

@@ -3,23 +3,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_udp, CutProxy, Listener, Tern};
-
-/// `tern certs --dir DIR NAME NAMES...`: the fleet CA (made once) and NAME's certificate.
-fn certs(dir: &std::path::Path, name: &str, names: &[&str]) {
-    let ok = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["certs", "--dir"])
-        .arg(dir)
-        .arg(name)
-        .args(names)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "tern certs");
-}
+use common::{certs, free_udp, CutProxy, Listener, Tern};
 
 fn pki(dir: &std::path::Path) {
     certs(dir, "origin", &["localhost", "127.0.0.1"]);

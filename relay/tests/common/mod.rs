@@ -26,6 +26,19 @@ pub fn text(b: Vec<u8>) -> String {
     String::from_utf8(b).unwrap()
 }
 
+/// `tern certs --dir DIR NAME NAMES...`: the fleet CA (made once) and NAME's certificate.
+pub fn certs(dir: &std::path::Path, name: &str, names: &[&str]) {
+    let ok = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["certs", "--dir"])
+        .arg(dir)
+        .arg(name)
+        .args(names)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "tern certs");
+}
+
 /// A running `tern` process and its HTTP address.
 pub struct Tern {
     pub child: Child,
