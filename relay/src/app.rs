@@ -324,6 +324,7 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
             cfg.relay.webrtc_listen,
             cfg.relay.announce,
             cfg.relay.max_listeners,
+            cfg.relay.fanout_threads,
             upstream,
             Duration::from_secs(cfg.relay.unsubscribe_grace_seconds),
             shutdown_rx.clone(),

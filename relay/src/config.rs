@@ -189,6 +189,8 @@ pub struct RelayConfig {
     pub announce: Option<SocketAddr>,
     /// Listeners this node accepts at once; more get 503.
     pub max_listeners: usize,
+    /// Fan-out shards, each on its own core; 0 (the default) runs one per available core.
+    pub fanout_threads: usize,
     /// New WHEP sessions allowed per client address (IPv6: per /64) per minute; more get 429.
     pub sessions_per_minute: u32,
     /// New sessions a client may open at once before the per-minute rate applies.
@@ -225,6 +227,7 @@ impl Default for RelayConfig {
             webrtc_listen: ([127, 0, 0, 1], 0).into(),
             announce: None,
             max_listeners: 1000,
+            fanout_threads: 0,
             sessions_per_minute: 60,
             session_burst: 20,
             drain_timeout_seconds: 60,
@@ -667,6 +670,9 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
     }
     if c.relay.max_listeners == 0 {
         return Err(("relay.max_listeners", "must be at least 1".into()));
+    }
+    if c.relay.fanout_threads > 64 {
+        return Err(("relay.fanout_threads", "must be at most 64".into()));
     }
     let link = &c.relay.link;
     if link.listen.is_some() && (link.cert.is_none() || link.key.is_none()) {

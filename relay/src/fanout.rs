@@ -272,6 +272,13 @@ impl Fanout {
         self.listeners.get(&id).map(|l| &l.broadcast)
     }
 
+    /// Whether a datagram from `source` belongs to one of this core's listeners: a known
+    /// address, or a STUN request naming one of its ICE usernames.
+    pub fn knows(&self, source: SocketAddr, data: &[u8]) -> bool {
+        self.by_addr.contains_key(&source)
+            || stun_local_ufrag(data).is_some_and(|u| self.by_ufrag.contains_key(u))
+    }
+
     /// One datagram from the socket. Returns false if it matched no listener (and was dropped).
     pub fn handle_receive(&mut self, source: SocketAddr, data: &[u8], now: Instant) -> bool {
         let id = match self.by_addr.get(&source) {

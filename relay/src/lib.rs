@@ -10,6 +10,7 @@
 //! - [`auth`], [`limits`]: who may listen, and how often a client may start a session.
 //! - [`reload`]: SIGHUP reload, the latest configuration on a watch channel.
 //! - [`sdnotify`]: readiness, watchdog and stopping notifications to systemd.
+//! - [`udp`]: batched datagram sends for the fan-out.
 
 pub mod auth;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod reload;
 pub mod router;
 #[cfg(unix)]
 pub mod sdnotify;
+pub mod udp;
 
 use tern_origin_link::BroadcastId;
 

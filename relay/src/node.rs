@@ -1,5 +1,12 @@
-//! The relay's async shell: one task owns the UDP socket and the [`Fanout`] core; upstream
-//! subscriptions run as their own tasks and hand frames to it through a bounded channel.
+//! The relay's async shell: fan-out shards, each a task owning a [`Fanout`] core and its
+//! share of the listeners, all sending and receiving on one UDP socket; upstream
+//! subscriptions run as their own tasks and hand every frame to every shard through bounded
+//! channels. One shard per core by default, so a relay uses all of a host's cores.
+//!
+//! Any shard may read a datagram meant for another shard's listener (they share the
+//! socket). A shard that does not know the sender passes the datagram along a ring of the
+//! shards until one does; listeners send little (STUN, RTCP, DTLS), so this costs far less
+//! than the 50 packets a second each one is sent.
 //!
 //! Nothing here decides anything about WebRTC: the core does. This file moves datagrams,
 //! frames and commands, and publishes a health snapshot after every change.
@@ -45,6 +52,13 @@ enum Command {
         broadcast: BroadcastId,
         frame: Frame,
     },
+    /// A datagram another shard read but does not know the sender of.
+    Datagram {
+        source: SocketAddr,
+        data: Vec<u8>,
+        /// Shards it has been to already.
+        hops: usize,
+    },
     Exists {
         broadcast: BroadcastId,
         session: String,
@@ -78,7 +92,8 @@ pub enum UpstreamState {
 /// A cheap, cloneable handle on a running relay.
 #[derive(Clone)]
 pub struct Relay {
-    tx: mpsc::Sender<Command>,
+    shards: Arc<[mpsc::Sender<Command>]>,
+    board: Arc<Board>,
     snapshot: watch::Receiver<RelaySnapshot>,
     upstream: Arc<Upstream>,
     subscriptions: Subscriptions,
@@ -87,15 +102,17 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Binds the WebRTC socket and starts the fan-out task, which runs until `shutdown`
-    /// flips to true (then it closes every session) or every handle is dropped.
+    /// Binds the WebRTC socket and starts `threads` fan-out shards (0: one per available
+    /// core), which run until `shutdown` flips to true (then they close every session) or
+    /// every handle is dropped. The returned task ends when every shard has.
     pub async fn start(
         listen: SocketAddr,
         announce: Option<SocketAddr>,
         max_listeners: usize,
+        threads: usize,
         upstream: Upstream,
         unsubscribe_grace: Duration,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), Error> {
         let socket = UdpSocket::bind(listen)
             .await
@@ -112,78 +129,65 @@ impl Relay {
             }
             None => local,
         };
-        let mut fanout = Fanout::new(FanoutConfig {
-            announce,
-            local,
-            max_listeners,
-        })?;
-        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .clamp(1, MAX_SHARDS);
+        let socket = Arc::new(socket);
+        // The node's capacity, split exactly between the shards.
+        let caps: Vec<usize> = (0..threads)
+            .map(|i| max_listeners / threads + usize::from(i < max_listeners % threads))
+            .collect();
         let (snap_tx, snapshot) = watch::channel(RelaySnapshot {
             capacity: max_listeners,
             webrtc_addr: Some(announce),
             ..Default::default()
         });
-        info!(%announce, "WebRTC fan-out listening");
-
+        let board = Arc::new(Board {
+            parts: std::sync::Mutex::new(vec![RelaySnapshot::default(); threads]),
+            caps: caps.clone(),
+            tx: snap_tx,
+            template: RelaySnapshot {
+                capacity: max_listeners,
+                webrtc_addr: Some(announce),
+                ..Default::default()
+            },
+        });
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..threads).map(|_| mpsc::channel(QUEUE)).unzip();
+        let mut handles = Vec::with_capacity(threads);
+        for (index, rx) in rxs.into_iter().enumerate() {
+            let shard = Shard {
+                index,
+                fanout: Fanout::new(FanoutConfig {
+                    announce,
+                    local,
+                    max_listeners: caps[index],
+                })?,
+                socket: socket.clone(),
+                rx,
+                next: txs[(index + 1) % threads].clone(),
+                ring: threads,
+                board: board.clone(),
+                capacity: caps[index],
+                announce,
+            };
+            handles.push(tokio::spawn(shard.run(shutdown.clone())));
+        }
+        info!(%announce, shards = threads, "WebRTC fan-out listening");
         let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut sessions: HashMap<String, ListenerId> = HashMap::new();
-            let mut last_stats = fanout.stats();
-            let mut last_count = 0;
-            let mut last_refresh = Instant::now();
-            loop {
-                let deadline = fanout.poll_timeout();
-                let sleep = async {
-                    match deadline {
-                        Some(t) => tokio::time::sleep_until(t.into()).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    r = socket.recv_from(&mut buf) => match r {
-                        Ok((n, src)) => { fanout.handle_receive(src, &buf[..n], Instant::now()); }
-                        // ICMP errors surface here on some systems; they concern one peer only.
-                        Err(e) => debug!("WebRTC socket receive: {e}"),
-                    },
-                    cmd = rx.recv() => match cmd {
-                        Some(cmd) => handle_command(&mut fanout, &mut sessions, cmd),
-                        None => break,
-                    },
-                    () = sleep => fanout.handle_timeout(Instant::now()),
-                    () = crate::stopped(&mut shutdown) => break,
-                }
-                flush(&socket, &mut fanout).await;
-                handle_events(&mut fanout, &mut sessions);
-                // Counters and the health snapshot are refreshed when listeners come or go,
-                // and otherwise a few times a second: not for every packet.
-                let count = fanout.listener_count();
-                if count != last_count || last_refresh.elapsed() >= REFRESH {
-                    last_count = count;
-                    last_refresh = Instant::now();
-                    last_stats = record_stats(&fanout, last_stats);
-                    let snap = snapshot_of(&fanout, max_listeners, announce);
-                    snap_tx.send_if_modified(|s| {
-                        if *s != snap {
-                            *s = snap;
-                            true
-                        } else {
-                            false
-                        }
-                    });
+            for h in handles {
+                if let Err(e) = h.await {
+                    warn!("fan-out shard failed: {e}");
                 }
             }
-            // Say goodbye to every listener so browsers notice at once.
-            let ids: Vec<ListenerId> = sessions.values().copied().collect();
-            for id in ids {
-                fanout.remove_listener(id);
-            }
-            flush(&socket, &mut fanout).await;
             info!("WebRTC fan-out stopped");
         });
 
         Ok((
             Self {
-                tx,
+                shards: txs.into(),
+                board,
                 snapshot,
                 upstream: Arc::new(upstream),
                 subscriptions: Default::default(),
@@ -206,7 +210,7 @@ impl Relay {
         }
         self.ensure_subscribed(&broadcast).await?;
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.shards[self.board.roomiest()]
             .send(Command::Add {
                 broadcast,
                 offer,
@@ -219,9 +223,11 @@ impl Relay {
 
     /// Ends a WHEP session. False if there was no such session for that broadcast.
     pub async fn remove_listener(&self, broadcast: BroadcastId, session: String) -> bool {
+        let Some(shard) = shard_of(&session).and_then(|i| self.shards.get(i)) else {
+            return false;
+        };
         let (reply, rx) = oneshot::channel();
-        let sent = self
-            .tx
+        let sent = shard
             .send(Command::Remove {
                 broadcast,
                 session,
@@ -233,9 +239,11 @@ impl Relay {
 
     /// True if `session` is a live session of `broadcast`.
     pub async fn has_session(&self, broadcast: BroadcastId, session: String) -> bool {
+        let Some(shard) = shard_of(&session).and_then(|i| self.shards.get(i)) else {
+            return false;
+        };
         let (reply, rx) = oneshot::channel();
-        let sent = self
-            .tx
+        let sent = shard
             .send(Command::Exists {
                 broadcast,
                 session,
@@ -346,7 +354,7 @@ impl Relay {
             upstream: self.upstream.clone(),
             broadcast: broadcast.clone(),
             via: via.to_vec(),
-            tx: self.tx.clone(),
+            shards: self.shards.clone(),
             downstream,
             state: state_tx,
             subscriptions: self.subscriptions.clone(),
@@ -396,7 +404,7 @@ struct PumpContext {
     broadcast: BroadcastId,
     /// The path of the request that made the subscription, for resubscribing.
     via: Vec<NodeId>,
-    tx: mpsc::Sender<Command>,
+    shards: Arc<[mpsc::Sender<Command>]>,
     /// Frames to downstream link subscribers. Survives resubscribing, so their streams
     /// carry on across an upstream restart as listeners' sessions do.
     downstream: frames::Sender<Frame>,
@@ -471,12 +479,14 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
                         // Never blocks: a lagging downstream subscriber skips ahead.
                         let _ = ctx.downstream.send(frame.clone());
                     }
-                    let cmd = Command::Frame {
-                        broadcast: broadcast.clone(),
-                        frame,
-                    };
-                    if ctx.tx.send(cmd).await.is_err() {
-                        return;
+                    for shard in ctx.shards.iter() {
+                        let cmd = Command::Frame {
+                            broadcast: broadcast.clone(),
+                            frame: frame.clone(),
+                        };
+                        if shard.send(cmd).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Ok(None) => {
@@ -495,7 +505,7 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
         // jitter spreads the reconnects of many relays after an origin restart.
         let mut delay = Duration::from_millis(100);
         sub = loop {
-            if ctx.tx.is_closed() || ctx.idle_expired(&mut idle_since).await {
+            if ctx.shards.iter().any(|s| s.is_closed()) || ctx.idle_expired(&mut idle_since).await {
                 return;
             }
             let jitter = rand::random_range(0..=delay.as_millis() as u64 / 2);
@@ -513,88 +523,260 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
     }
 }
 
-fn handle_command(fanout: &mut Fanout, sessions: &mut HashMap<String, ListenerId>, cmd: Command) {
-    let now = Instant::now();
-    match cmd {
-        Command::Add {
-            broadcast,
-            offer,
-            reply,
-        } => {
-            let result = fanout
-                .add_listener(broadcast, &offer, now)
-                .map(|(id, answer)| {
-                    let token = session_token();
-                    sessions.insert(token.clone(), id);
-                    (token, answer)
-                });
-            match &result {
-                Ok(_) => metrics::counter!("tern_relay_sessions_created_total").increment(1),
-                Err(_) => metrics::counter!("tern_relay_sessions_failed_total").increment(1),
+/// Most fan-out shards a relay runs (session tokens carry the shard in two hex digits).
+const MAX_SHARDS: usize = 64;
+
+/// The listeners' totals as each shard last reported them, merged into the one snapshot
+/// the rest of the relay reads.
+struct Board {
+    parts: std::sync::Mutex<Vec<RelaySnapshot>>,
+    /// Each shard's share of the node's capacity.
+    caps: Vec<usize>,
+    tx: watch::Sender<RelaySnapshot>,
+    template: RelaySnapshot,
+}
+
+impl Board {
+    fn parts(&self) -> std::sync::MutexGuard<'_, Vec<RelaySnapshot>> {
+        // Every update replaces one element whole: a panic elsewhere cannot leave it torn.
+        self.parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, index: usize, part: RelaySnapshot) {
+        let mut parts = self.parts();
+        if parts[index] == part {
+            return;
+        }
+        parts[index] = part;
+        let mut merged = self.template.clone();
+        for p in parts.iter() {
+            merged.total += p.total;
+            for (b, n) in &p.per_broadcast {
+                *merged.per_broadcast.entry(b.clone()).or_default() += n;
             }
-            // The WHEP request may have been abandoned; the listener then times out.
-            let _ = reply.send(result);
         }
-        Command::Remove {
-            broadcast,
-            session,
-            reply,
-        } => {
-            let found = sessions
-                .get(&session)
-                .copied()
-                .filter(|id| fanout.broadcast_of(*id) == Some(&broadcast));
-            let removed = found.is_some_and(|id| fanout.remove_listener(id));
-            let _ = reply.send(removed);
-        }
-        Command::Frame { broadcast, frame } => fanout.handle_frame(&broadcast, &frame, now),
-        Command::Exists {
-            broadcast,
-            session,
-            reply,
-        } => {
-            let found = sessions
-                .get(&session)
-                .is_some_and(|id| fanout.broadcast_of(*id) == Some(&broadcast));
-            let _ = reply.send(found);
-        }
+        drop(parts);
+        metrics::gauge!("tern_relay_listeners").set(merged.total as f64);
+        self.tx.send_if_modified(|s| {
+            if *s != merged {
+                *s = merged;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The shard with the most room left (the first of equals after a rotating start, so a
+    /// burst of arrivals spreads before the counts catch up).
+    fn roomiest(&self) -> usize {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static ROTATE: AtomicUsize = AtomicUsize::new(0);
+        let parts = self.parts();
+        let n = parts.len();
+        let start = ROTATE.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|k| (start + k) % n)
+            .max_by_key(|&i| {
+                // max_by_key keeps the last maximum: reverse the order of equals.
+                (
+                    self.caps[i].saturating_sub(parts[i].total),
+                    std::cmp::Reverse((i + n - start) % n),
+                )
+            })
+            .unwrap_or(0)
     }
 }
 
-fn handle_events(fanout: &mut Fanout, sessions: &mut HashMap<String, ListenerId>) {
-    while let Some(e) = fanout.poll_event() {
-        match e {
-            FanoutEvent::Connected(id) => info!(listener = id.0, "listener connected"),
-            FanoutEvent::Report {
-                loss, jitter, rtt, ..
+/// One fan-out shard: a [`Fanout`] core, its listeners and its sessions.
+struct Shard {
+    index: usize,
+    fanout: Fanout,
+    socket: Arc<UdpSocket>,
+    rx: mpsc::Receiver<Command>,
+    /// The next shard in the ring, for datagrams from senders this shard does not know.
+    next: mpsc::Sender<Command>,
+    /// Shards in the ring.
+    ring: usize,
+    board: Arc<Board>,
+    capacity: usize,
+    announce: SocketAddr,
+}
+
+impl Shard {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut buf = vec![0u8; 2048];
+        let mut out = Vec::new();
+        let mut sessions: HashMap<String, ListenerId> = HashMap::new();
+        let mut last_stats = self.fanout.stats();
+        let mut last_count = usize::MAX;
+        let mut last_refresh = Instant::now();
+        loop {
+            let deadline = self.fanout.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, src)) => self.receive(src, &buf[..n], 0),
+                    // ICMP errors surface here on some systems; they concern one peer only.
+                    Err(e) => debug!("WebRTC socket receive: {e}"),
+                },
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => self.handle_command(&mut sessions, cmd),
+                    None => break,
+                },
+                () = sleep => self.fanout.handle_timeout(Instant::now()),
+                () = crate::stopped(&mut shutdown) => break,
+            }
+            flush(&self.socket, &mut self.fanout, &mut out).await;
+            self.handle_events(&mut sessions);
+            // Counters and the health snapshot are refreshed when listeners come or go,
+            // and otherwise a few times a second: not for every packet.
+            let count = self.fanout.listener_count();
+            if count != last_count || last_refresh.elapsed() >= REFRESH {
+                last_count = count;
+                last_refresh = Instant::now();
+                last_stats = record_stats(&self.fanout, last_stats);
+                self.board.publish(
+                    self.index,
+                    snapshot_of(&self.fanout, self.capacity, self.announce),
+                );
+            }
+        }
+        // Say goodbye to every listener so browsers notice at once.
+        let ids: Vec<ListenerId> = sessions.values().copied().collect();
+        for id in ids {
+            self.fanout.remove_listener(id);
+        }
+        flush(&self.socket, &mut self.fanout, &mut out).await;
+        self.board.publish(
+            self.index,
+            snapshot_of(&self.fanout, self.capacity, self.announce),
+        );
+    }
+
+    /// A datagram read from the socket (`hops` = 0) or passed on by another shard.
+    fn receive(&mut self, source: SocketAddr, data: &[u8], hops: usize) {
+        if self.fanout.knows(source, data) || hops + 1 >= self.ring {
+            // Ours, or nobody's: the core counts and drops what it cannot match.
+            self.fanout.handle_receive(source, data, Instant::now());
+        } else {
+            let fwd = Command::Datagram {
+                source,
+                data: data.to_vec(),
+                hops: hops + 1,
+            };
+            // Never wait on another shard (it may be waiting on us): a full queue loses
+            // this datagram as the network might, and the peer repeats it.
+            if self.next.try_send(fwd).is_err() {
+                metrics::counter!("tern_relay_forward_drops_total").increment(1);
+            }
+        }
+    }
+
+    fn handle_command(&mut self, sessions: &mut HashMap<String, ListenerId>, cmd: Command) {
+        let now = Instant::now();
+        let fanout = &mut self.fanout;
+        match cmd {
+            Command::Add {
+                broadcast,
+                offer,
+                reply,
             } => {
-                metrics::histogram!("tern_relay_listener_loss_ratio").record(f64::from(loss));
-                metrics::histogram!("tern_relay_listener_jitter_seconds")
-                    .record(jitter.as_secs_f64());
-                if let Some(rtt) = rtt {
-                    metrics::histogram!("tern_relay_listener_rtt_seconds")
-                        .record(rtt.as_secs_f64());
+                let result = fanout
+                    .add_listener(broadcast, &offer, now)
+                    .map(|(id, answer)| {
+                        let token = session_token(self.index);
+                        sessions.insert(token.clone(), id);
+                        (token, answer)
+                    });
+                match &result {
+                    Ok(_) => {
+                        metrics::counter!("tern_relay_sessions_created_total").increment(1);
+                        // Before the reply: the next placement must see this listener.
+                        self.board.publish(
+                            self.index,
+                            snapshot_of(fanout, self.capacity, self.announce),
+                        );
+                    }
+                    Err(_) => metrics::counter!("tern_relay_sessions_failed_total").increment(1),
+                }
+                // The WHEP request may have been abandoned; the listener then times out.
+                let _ = reply.send(result);
+            }
+            Command::Remove {
+                broadcast,
+                session,
+                reply,
+            } => {
+                let found = sessions
+                    .get(&session)
+                    .copied()
+                    .filter(|id| fanout.broadcast_of(*id) == Some(&broadcast));
+                let removed = found.is_some_and(|id| fanout.remove_listener(id));
+                let _ = reply.send(removed);
+            }
+            Command::Frame { broadcast, frame } => fanout.handle_frame(&broadcast, &frame, now),
+            Command::Datagram { source, data, hops } => self.receive(source, &data, hops),
+            Command::Exists {
+                broadcast,
+                session,
+                reply,
+            } => {
+                let found = sessions
+                    .get(&session)
+                    .is_some_and(|id| fanout.broadcast_of(*id) == Some(&broadcast));
+                let _ = reply.send(found);
+            }
+        }
+    }
+
+    fn handle_events(&mut self, sessions: &mut HashMap<String, ListenerId>) {
+        let shard = self.index;
+        while let Some(e) = self.fanout.poll_event() {
+            match e {
+                FanoutEvent::Connected(id) => info!(shard, listener = id.0, "listener connected"),
+                FanoutEvent::Report {
+                    loss, jitter, rtt, ..
+                } => {
+                    metrics::histogram!("tern_relay_listener_loss_ratio").record(f64::from(loss));
+                    metrics::histogram!("tern_relay_listener_jitter_seconds")
+                        .record(jitter.as_secs_f64());
+                    if let Some(rtt) = rtt {
+                        metrics::histogram!("tern_relay_listener_rtt_seconds")
+                            .record(rtt.as_secs_f64());
+                    }
+                }
+                FanoutEvent::Left {
+                    id,
+                    broadcast,
+                    reason,
+                } => {
+                    info!(shard, listener = id.0, %broadcast, ?reason, "listener left");
+                    sessions.retain(|_, v| *v != id);
                 }
             }
-            FanoutEvent::Left {
-                id,
-                broadcast,
-                reason,
-            } => {
-                info!(listener = id.0, %broadcast, ?reason, "listener left");
-                sessions.retain(|_, v| *v != id);
-            }
         }
     }
 }
 
-async fn flush(socket: &UdpSocket, fanout: &mut Fanout) {
+/// Sends everything the core has queued, in batches; `out` is reused between calls.
+async fn flush(socket: &UdpSocket, fanout: &mut Fanout, out: &mut Vec<str0m::net::Transmit>) {
+    out.clear();
     while let Some(t) = fanout.poll_transmit() {
-        if let Err(e) = socket.send_to(&t.contents, t.destination).await {
-            // One unreachable listener must not stop the others' packets.
-            debug!(to = %t.destination, "send failed: {e}");
-            metrics::counter!("tern_relay_send_errors_total").increment(1);
-        }
+        out.push(t);
+    }
+    if out.is_empty() {
+        return;
+    }
+    let sent = crate::udp::send_all(socket, out).await;
+    if sent.errors > 0 {
+        // One unreachable listener must not stop the others' packets: counted, not fatal.
+        metrics::counter!("tern_relay_send_errors_total").increment(sent.errors as u64);
     }
 }
 
@@ -606,7 +788,6 @@ fn record_stats(fanout: &Fanout, last: crate::fanout::FanoutStats) -> crate::fan
     metrics::counter!("tern_relay_bytes_out_total").increment(s.bytes_out - last.bytes_out);
     metrics::counter!("tern_relay_unmatched_datagrams_total")
         .increment(s.unmatched_in - last.unmatched_in);
-    metrics::gauge!("tern_relay_listeners").set(fanout.listener_count() as f64);
     s
 }
 
@@ -623,6 +804,73 @@ fn snapshot_of(fanout: &Fanout, capacity: usize, announce: SocketAddr) -> RelayS
 }
 
 /// An unguessable session id: knowing one session's URL must not let anyone end another's.
-fn session_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// The first two hex digits name the shard that holds the session; 120 random bits follow.
+fn session_token(shard: usize) -> String {
+    format!("{shard:02x}{:030x}", rand::random::<u128>() >> 8)
+}
+
+/// The shard a session token names, if it is one of ours in shape.
+fn shard_of(token: &str) -> Option<usize> {
+    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    usize::from_str_radix(&token[..2], 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn session_tokens_name_their_shard_and_stay_unguessable() {
+        for shard in 0..MAX_SHARDS {
+            let t = session_token(shard);
+            assert_eq!(t.len(), 32);
+            assert_eq!(shard_of(&t), Some(shard));
+        }
+        assert_ne!(session_token(1), session_token(1));
+        for bad in ["", "zz", &"g".repeat(32), &"0".repeat(31), &"0".repeat(33)] {
+            assert_eq!(shard_of(bad), None, "{bad}");
+        }
+    }
+
+    fn board(caps: Vec<usize>) -> Board {
+        let n = caps.len();
+        Board {
+            parts: std::sync::Mutex::new(vec![RelaySnapshot::default(); n]),
+            caps,
+            tx: watch::channel(RelaySnapshot::default()).0,
+            template: RelaySnapshot::default(),
+        }
+    }
+
+    fn part(total: usize) -> RelaySnapshot {
+        RelaySnapshot {
+            total,
+            per_broadcast: [("demo".to_owned(), total)].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn placement_prefers_room_and_spreads_ties() {
+        let b = board(vec![2, 2, 2]);
+        let picks: BTreeSet<usize> = (0..6).map(|_| b.roomiest()).collect();
+        assert_eq!(picks.len(), 3, "equal shards all get picked: {picks:?}");
+        b.publish(0, part(1));
+        b.publish(2, part(2));
+        // Room: 1, 2, 0.
+        assert!((0..6).all(|_| b.roomiest() == 1));
+        b.publish(1, part(1));
+        // Room: 1, 1, 0: both with room, never the full one.
+        let picks: BTreeSet<usize> = (0..6).map(|_| b.roomiest()).collect();
+        assert_eq!(picks, [0, 1].into());
+        b.publish(1, part(2));
+        let merged = b.tx.borrow().clone();
+        assert_eq!(merged.total, 5);
+        assert_eq!(merged.per_broadcast["demo"], 5);
+        assert_eq!(b.roomiest(), 0);
+    }
 }
