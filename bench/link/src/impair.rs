@@ -2,8 +2,9 @@
 //! (if ever, and how many times) is it delivered?
 //!
 //! Delay with uniform jitter, independent loss or Gilbert-Elliott burst loss, reordering
-//! (an extra delay for a share of packets), duplication, and scheduled cuts. The same seed
-//! gives the same decisions, so runs repeat.
+//! (an extra delay for a share of packets), duplication, scheduled cuts, and a bottleneck
+//! (a rate limit with a drop-tail queue for a while). The same seed gives the same decisions,
+//! so runs repeat.
 
 use std::time::Duration;
 
@@ -29,6 +30,20 @@ pub struct Profile {
     pub duplicate: f64,
     /// Windows (from, to) since the start during which nothing gets through.
     pub cuts: Vec<(Duration, Duration)>,
+    /// A narrower path for a while: the sender then offers more than gets through.
+    pub bottleneck: Option<Bottleneck>,
+}
+
+/// A rate limit with a drop-tail queue in front of it, like a congested router.
+#[derive(Debug, Clone)]
+pub struct Bottleneck {
+    /// Capacity of the path, in bytes (of UDP payload) per second.
+    pub bytes_per_sec: u64,
+    /// Bytes the queue holds; a packet that would overflow it is dropped.
+    pub queue_bytes: u64,
+    /// When the limit applies (since the start). Packets still queued when it ends drain
+    /// at the same rate, so the end of the window does not reorder them.
+    pub during: (Duration, Duration),
 }
 
 impl Profile {
@@ -47,6 +62,8 @@ pub struct Impairment {
     profile: Profile,
     rng: StdRng,
     bad: bool,
+    /// When the bottleneck finishes sending what it has queued (since the start).
+    busy_until: Duration,
     /// Packets seen and dropped, for reports.
     pub seen: u64,
     /// Packets dropped.
@@ -60,14 +77,15 @@ impl Impairment {
             profile,
             rng: StdRng::seed_from_u64(seed),
             bad: false,
+            busy_until: Duration::ZERO,
             seen: 0,
             dropped: 0,
         }
     }
 
-    /// Delivery delays for a packet sent at `elapsed` since the start: empty if dropped,
-    /// two entries if duplicated.
-    pub fn decide(&mut self, elapsed: Duration) -> Vec<Duration> {
+    /// Delivery delays for a packet of `len` bytes sent at `elapsed` since the start: empty
+    /// if dropped, two entries if duplicated.
+    pub fn decide(&mut self, elapsed: Duration, len: usize) -> Vec<Duration> {
         self.seen += 1;
         let p = &self.profile;
         if p.cuts.iter().any(|(a, b)| (*a..*b).contains(&elapsed)) {
@@ -92,13 +110,39 @@ impl Impairment {
             self.dropped += 1;
             return Vec::new();
         }
-        let first = one_delay(p, &mut self.rng);
+        let queued = match &p.bottleneck {
+            Some(b) => match queue(b, &mut self.busy_until, elapsed, len) {
+                Some(wait) => wait,
+                None => {
+                    self.dropped += 1;
+                    return Vec::new();
+                }
+            },
+            None => Duration::ZERO,
+        };
+        let first = queued + one_delay(p, &mut self.rng);
         if self.rng.random_bool(p.duplicate.clamp(0.0, 1.0)) {
-            vec![first, one_delay(p, &mut self.rng)]
+            vec![first, queued + one_delay(p, &mut self.rng)]
         } else {
             vec![first]
         }
     }
+}
+
+/// Time a packet of `len` bytes arriving at `now` spends in the bottleneck (queueing and
+/// serialisation), or `None` if the queue is full. `busy_until` is the bottleneck's state.
+fn queue(b: &Bottleneck, busy_until: &mut Duration, now: Duration, len: usize) -> Option<Duration> {
+    let (from, to) = b.during;
+    if !(from..to).contains(&now) && now >= *busy_until {
+        return Some(Duration::ZERO);
+    }
+    let start = now.max(*busy_until);
+    let backlog = (start - now).as_secs_f64() * b.bytes_per_sec as f64;
+    if backlog + len as f64 > b.queue_bytes as f64 {
+        return None;
+    }
+    *busy_until = start + Duration::from_secs_f64(len as f64 / b.bytes_per_sec as f64);
+    Some(*busy_until - now)
 }
 
 fn one_delay(p: &Profile, rng: &mut StdRng) -> Duration {
@@ -133,7 +177,7 @@ mod tests {
         let run = |seed| {
             let mut i = Impairment::new(p.clone(), seed);
             (0..1000)
-                .map(|k| i.decide(Duration::from_millis(k)))
+                .map(|k| i.decide(Duration::from_millis(k), 100))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -153,7 +197,7 @@ mod tests {
         );
         let mut delivered = 0;
         for k in 0..100_000 {
-            for d in i.decide(Duration::from_micros(k)) {
+            for d in i.decide(Duration::from_micros(k), 100) {
                 assert!((Duration::from_millis(50)..=Duration::from_millis(70)).contains(&d));
                 delivered += 1;
             }
@@ -177,7 +221,7 @@ mod tests {
         let mut run = 0;
         for k in 0..50_000u64 {
             let t = Duration::from_millis(k % 4000);
-            if i.decide(t).is_empty() {
+            if i.decide(t, 100).is_empty() {
                 run += 1;
             } else if run > 0 {
                 runs.push(run);
@@ -186,6 +230,52 @@ mod tests {
         }
         let mean = runs.iter().sum::<u64>() as f64 / runs.len() as f64;
         assert!(mean > 2.0, "losses come in bursts (mean run {mean})");
-        assert!(i.decide(Duration::from_millis(5500)).is_empty());
+        assert!(i.decide(Duration::from_millis(5500), 100).is_empty());
+    }
+
+    #[test]
+    fn a_bottleneck_delays_then_drops_and_drains_after_its_window() {
+        let b = Bottleneck {
+            bytes_per_sec: 10_000,
+            queue_bytes: 2_000,
+            during: (Duration::from_secs(1), Duration::from_secs(2)),
+        };
+        let mut i = Impairment::new(
+            Profile {
+                delay: Duration::from_millis(10),
+                bottleneck: Some(b),
+                ..Profile::default()
+            },
+            1,
+        );
+        let ms = Duration::from_millis;
+        // Before the window: no queueing.
+        assert_eq!(i.decide(ms(500), 1000), vec![ms(10)]);
+        // In the window, 1000 bytes every 50 ms offered to a 10 kB/s path (500 B per 50 ms):
+        // the queue grows by 50 ms per packet until 2000 bytes are waiting, then drops.
+        let mut waits = Vec::new();
+        let mut dropped = 0;
+        for k in 0..20 {
+            match i.decide(ms(1000 + 50 * k), 1000).as_slice() {
+                [d] => waits.push(*d - ms(10)),
+                [] => dropped += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(waits[0], ms(100), "serialisation of 1000 B at 10 kB/s");
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "FIFO: {waits:?}");
+        assert!(
+            waits.iter().all(|w| *w <= ms(300)),
+            "bounded by the queue: {waits:?}"
+        );
+        assert!(
+            dropped >= 8,
+            "about half the offered load is dropped ({dropped})"
+        );
+        // Just after the window, what is queued still drains: the next packet waits.
+        let after = i.decide(ms(2000), 1000);
+        assert!(after[0] > ms(10), "{after:?}");
+        // Long after, the path is free again.
+        assert_eq!(i.decide(ms(3000), 1000), vec![ms(10)]);
     }
 }

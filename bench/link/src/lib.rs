@@ -1,7 +1,8 @@
 //! Benchmarks of the origin link: a seeded impairment model ([`impair`]), a UDP proxy that
-//! applies it ([`proxy`]), and a latency measurement over the real origin and subscriber
-//! ([`latency`]).
+//! applies it ([`proxy`]), a latency measurement over the real origin and subscriber
+//! ([`latency`]), and a comparison of ways to map media onto QUIC ([`mapping`]).
 
 pub mod impair;
 pub mod latency;
+pub mod mapping;
 pub mod proxy;

@@ -1,6 +1,7 @@
 //! The impairment model as a UDP proxy between one client and a target, on loopback.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,6 +15,9 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// Upstream (client → target) and downstream counters: (seen, dropped).
     pub stats: Arc<Mutex<[(u64, u64); 2]>>,
+    /// UDP payload bytes offered to the proxy, client → target and back (the bytes a sender
+    /// put on the wire, before any loss).
+    pub bytes: Arc<[AtomicU64; 2]>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -38,16 +42,19 @@ pub async fn start(
     let addr = front.local_addr()?;
     let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
     let stats: Arc<Mutex<[(u64, u64); 2]>> = Arc::default();
+    let bytes: Arc<[AtomicU64; 2]> = Arc::default();
     let start = Instant::now();
 
     let (f, b, c, s) = (front.clone(), back.clone(), client.clone(), stats.clone());
+    let counted = bytes.clone();
     let upstream = tokio::spawn(async move {
         let mut imp = Impairment::new(up, seed);
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = f.recv_from(&mut buf).await {
             // Poisoning would need a panic while holding it, in these few lines.
             *c.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
-            let delays = imp.decide(start.elapsed());
+            counted[0].fetch_add(n as u64, Ordering::Relaxed);
+            let delays = imp.decide(start.elapsed(), n);
             s.lock().unwrap_or_else(|e| e.into_inner())[0] = (imp.seen, imp.dropped);
             for d in delays {
                 let (b, pkt) = (b.clone(), buf[..n].to_vec());
@@ -59,6 +66,7 @@ pub async fn start(
         }
     });
     let (f, b, c, s) = (front, back, client, stats.clone());
+    let counted = bytes.clone();
     let downstream = tokio::spawn(async move {
         let mut imp = Impairment::new(down, seed ^ 0x5eed);
         let mut buf = vec![0u8; 65_536];
@@ -66,7 +74,8 @@ pub async fn start(
             let Some(to) = *c.lock().unwrap_or_else(|e| e.into_inner()) else {
                 continue;
             };
-            let delays = imp.decide(start.elapsed());
+            counted[1].fetch_add(n as u64, Ordering::Relaxed);
+            let delays = imp.decide(start.elapsed(), n);
             s.lock().unwrap_or_else(|e| e.into_inner())[1] = (imp.seen, imp.dropped);
             for d in delays {
                 let (f, pkt) = (f.clone(), buf[..n].to_vec());
@@ -80,6 +89,7 @@ pub async fn start(
     Ok(Proxy {
         addr,
         stats,
+        bytes,
         tasks: vec![upstream, downstream],
     })
 }
