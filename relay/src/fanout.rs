@@ -38,6 +38,9 @@ pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
 /// RTP header extension id offered for abs-capture-time when the listener supports it.
 const ABS_CAPTURE_TIME_ID: u8 = 14;
 
+/// Header-extension id offered for the RTP MID (the id browsers use).
+const MID_ID: u8 = 4;
+
 /// A listener that has not completed ICE + DTLS by then is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -134,7 +137,8 @@ pub struct Fanout {
     crypto: Arc<CryptoProvider>,
     dtls_cert: str0m::config::DtlsCert,
     next_id: u64,
-    listeners: HashMap<ListenerId, Listener>,
+    /// Boxed: an `Rtc` is several KiB, and the table keeps spare slots and doubles on growth.
+    listeners: HashMap<ListenerId, Box<Listener>>,
     by_ufrag: HashMap<String, ListenerId>,
     by_addr: HashMap<SocketAddr, ListenerId>,
     members: HashMap<BroadcastId, Vec<ListenerId>>,
@@ -198,6 +202,12 @@ impl Fanout {
             .set_local_ice_credentials(creds.clone())
             .clear_codecs()
             .enable_opus(true, false)
+            // Only the header extensions a passthrough audio sender uses. Transport-wide
+            // congestion control in particular would keep a 1000-packet send history per
+            // listener (~40 KiB) and draw a feedback packet from every browser every
+            // ~100 ms, for a bandwidth estimate a fixed-rate Opus relay has no use for.
+            .clear_extension_map()
+            .set_extension(MID_ID, Extension::RtpMid)
             // Listeners that offer it learn each frame's capture time at the origin.
             .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
             .set_stats_interval(Some(STATS_INTERVAL))
@@ -241,7 +251,7 @@ impl Fanout {
         );
         self.by_ufrag.insert(creds.ufrag, id);
         self.members.entry(broadcast).or_default().push(id);
-        self.listeners.insert(id, listener);
+        self.listeners.insert(id, Box::new(listener));
         if let Some(l) = self.listeners.get_mut(&id) {
             schedule(id, l, &mut self.timers, &mut self.dead);
         }
@@ -808,6 +818,20 @@ mod tests {
             ids.push(id);
         }
         (clients, ids)
+    }
+
+    #[test]
+    fn the_answer_keeps_only_the_header_extensions_a_passthrough_sender_uses() {
+        let now = Instant::now();
+        let mut f = fanout();
+        let (_c, offer, _pending) = Client::new("10.0.1.1:6000".parse().unwrap(), now);
+        // The browser-like offer has the usual set, congestion control included.
+        assert!(offer.contains("transport-wide-cc"), "{offer}");
+        let (_, answer) = f.add_listener(demo(), &offer, now).unwrap();
+        assert!(answer.contains("abs-capture-time"), "{answer}");
+        for absent in ["transport-wide-cc", "abs-send-time", "ssrc-audio-level"] {
+            assert!(!answer.contains(absent), "{absent} in {answer}");
+        }
     }
 
     fn frame(seq: u64) -> Frame {
