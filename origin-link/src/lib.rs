@@ -12,11 +12,14 @@
 //! Every frame carries its capture time at the origin, so each hop can measure latency.
 //!
 //! Features: `net` (default) is everything with sockets, QUIC and TLS; without it the crate
-//! is the pure codecs, `wire` and `rtp`.
+//! is the pure codecs, `wire` and `rtp`. `fuzzing` adds the `fuzzing` module: the bodies of
+//! the fuzz targets in `origin-link/fuzz`.
 
 use std::fmt;
 use std::str::FromStr;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(feature = "net")]
 pub mod ingest;
 #[cfg(feature = "net")]
