@@ -58,12 +58,14 @@ pub fn decode_stream(data: &[u8]) {
 /// Feeds `stream` to the decoder in chunks of `sizes`, as the stream reader does.
 fn read_all(stream: &[u8], sizes: &mut dyn Iterator<Item = usize>) -> (Vec<Message>, End) {
     let mut buf = BytesMut::new();
-    let mut fed = 0;
+    // The buffer holds stream[consumed..fed]; checked against it instead of copying it.
+    let (mut consumed, mut fed) = (0, 0);
     let mut messages = Vec::new();
     loop {
-        match checked_decode(&mut buf) {
-            Ok(Some(m)) => {
+        match checked_decode(&mut buf, &stream[consumed..fed]) {
+            Ok(Some((m, used))) => {
                 messages.push(m);
+                consumed += used;
                 continue;
             }
             Ok(None) => {}
@@ -79,23 +81,20 @@ fn read_all(stream: &[u8], sizes: &mut dyn Iterator<Item = usize>) -> (Vec<Messa
     }
 }
 
-/// One call of [`wire::decode`] and the checks that hold for any single call.
-fn checked_decode(buf: &mut BytesMut) -> Result<Option<Message>, ()> {
-    let before = Bytes::copy_from_slice(buf);
+/// One call of [`wire::decode`] on `buf`, which holds `held`, and the checks that hold for
+/// any single call. Returns the message and how many bytes it took.
+fn checked_decode(buf: &mut BytesMut, held: &[u8]) -> Result<Option<(Message, usize)>, ()> {
     match wire::decode(buf) {
         Ok(None) => {
-            assert_eq!(&buf[..], &before[..], "Ok(None) consumed bytes");
+            assert_eq!(&buf[..], held, "Ok(None) consumed or changed bytes");
             Ok(None)
         }
         Ok(Some(m)) => {
-            assert!(
-                buf.len() < before.len(),
-                "a message was decoded from nothing"
-            );
-            let used = before.len() - buf.len();
+            assert!(buf.len() < held.len(), "a message was decoded from nothing");
+            let used = held.len() - buf.len();
             assert_eq!(
                 &buf[..],
-                &before[used..],
+                &held[used..],
                 "decode touched bytes after its message"
             );
             let mut again = BytesMut::new();
@@ -106,7 +105,7 @@ fn checked_decode(buf: &mut BytesMut) -> Result<Option<Message>, ()> {
                 other => panic!("{m:?} re-encoded to {encoded} bytes that decode as {other:?}"),
             }
             assert!(again.is_empty(), "re-encoded message not consumed exactly");
-            Ok(Some(m))
+            Ok(Some((m, used)))
         }
         Err(_) => Err(()),
     }
