@@ -1,7 +1,8 @@
 //! Benchmarks of the origin link: a seeded impairment model ([`impair`]), a UDP proxy that
 //! applies it ([`proxy`]), and a latency measurement over the real origin and subscriber
-//! ([`latency`]).
+//! ([`latency`]); [`nft`] injects the loss with nftables instead, to cross-check the model.
 
 pub mod impair;
 pub mod latency;
+pub mod nft;
 pub mod proxy;
