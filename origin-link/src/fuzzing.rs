@@ -136,8 +136,9 @@ fn chunk_sizes(selector: u8, stream: &[u8]) -> impl Iterator<Item = usize> {
 ///
 /// Checks: the encoding decodes in one call to exactly the message docs/origin-link.md
 /// promises (limited values clamped, long reasons cut on a character boundary), or to an
-/// error for a message the protocol forbids; every proper prefix of the encoding is "wait
-/// for more" and consumes nothing.
+/// error for a message the protocol forbids; a prefix of the encoding (the first 24 cuts,
+/// which cover the header and the fixed fields, and the last 8) is "wait for more" and
+/// consumes nothing, except that a declared length over the limit may be refused at once.
 pub fn encode_round_trip(data: &[u8]) {
     let mut input = Input(data);
     let msg = match input.u8() % 4 {
