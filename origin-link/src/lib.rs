@@ -10,20 +10,32 @@
 //! - [`tls`]: certificates and rustls configs (TLS 1.3 only, ALPN [`ALPN`]).
 //!
 //! Every frame carries its capture time at the origin, so each hop can measure latency.
+//!
+//! Features: `net` (default) is everything with sockets, QUIC and TLS; without it the crate
+//! is the pure codecs, `wire` and `rtp`. `fuzzing` adds the `fuzzing` module: the bodies of
+//! the fuzz targets in `origin-link/fuzz`.
 
 use std::fmt;
 use std::str::FromStr;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+#[cfg(feature = "net")]
 pub mod ingest;
+#[cfg(feature = "net")]
 pub mod origin;
 pub mod rtp;
+#[cfg(feature = "net")]
 pub mod subscriber;
 #[cfg(feature = "testsrc")]
 pub mod testsrc;
+#[cfg(feature = "net")]
 pub mod tls;
 pub mod wire;
 
+#[cfg(feature = "net")]
 pub use origin::{Feed, Origin, Registry, Source};
+#[cfg(feature = "net")]
 pub use subscriber::{Subscription, Upstream};
 pub use wire::{Frame, Message};
 
@@ -63,12 +75,15 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The QUIC connection was lost.
+    #[cfg(feature = "net")]
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
     /// A stream write failed.
+    #[cfg(feature = "net")]
     #[error("stream write: {0}")]
     Write(#[from] quinn::WriteError),
     /// A stream read failed.
+    #[cfg(feature = "net")]
     #[error("stream read: {0}")]
     Read(#[from] quinn::ReadError),
     /// Certificates or keys could not be made or loaded.
@@ -99,6 +114,7 @@ pub struct NodeId(u64);
 
 impl NodeId {
     /// A fresh random id.
+    #[cfg(feature = "net")]
     pub fn random() -> Self {
         // 62 bits: every id fits a one-value QUIC varint.
         Self(rand::random::<u64>() & wire::VARINT_MAX)

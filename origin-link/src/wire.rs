@@ -154,11 +154,10 @@ pub fn encode(msg: &Message, buf: &mut BytesMut) {
         Message::SubscribeError { code, reason } => {
             put_varint(&mut body, code.code());
             // Truncate on a char boundary so the receiver never sees invalid UTF-8.
-            let mut end = reason.len().min(MAX_REASON_LEN);
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            put_bytes(&mut body, &reason.as_bytes()[..end]);
+            put_bytes(
+                &mut body,
+                &reason.as_bytes()[..char_boundary_at_most(reason, MAX_REASON_LEN)],
+            );
             T_SUBSCRIBE_ERROR
         }
         Message::Frame(f) => {
@@ -245,7 +244,11 @@ fn parse_body(ty: u64, body: &mut Bytes) -> Result<Message, Error> {
             if raw.len() > MAX_REASON_LEN {
                 return Err(Error::Protocol("error reason too long".into()));
             }
-            let reason = String::from_utf8_lossy(&raw).into_owned();
+            // Invalid UTF-8 from a peer only costs it a readable log line, not the
+            // connection. Each invalid byte becomes U+FFFD (three bytes), so cut the text to
+            // the limit again, as `encode` does: a decoded message must encode unchanged.
+            let mut reason = String::from_utf8_lossy(&raw).into_owned();
+            truncate_on_char_boundary(&mut reason, MAX_REASON_LEN);
             Ok(Message::SubscribeError { code, reason })
         }
         T_FRAME => {
@@ -268,6 +271,20 @@ fn parse_body(ty: u64, body: &mut Bytes) -> Result<Message, Error> {
         }
         other => Err(Error::Protocol(format!("unknown message type {other:#x}"))),
     }
+}
+
+/// The largest char boundary of `s` at or below `max` bytes.
+fn char_boundary_at_most(s: &str, max: usize) -> usize {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
+fn truncate_on_char_boundary(s: &mut String, max: usize) {
+    let end = char_boundary_at_most(s, max);
+    s.truncate(end);
 }
 
 fn take_varint(body: &mut Bytes, what: &str) -> Result<u64, Error> {
@@ -429,6 +446,29 @@ mod tests {
                 "type {ty:#x} body {body:?} was accepted"
             );
         }
+    }
+
+    /// Found by the round-trip check of `fuzzing::decode_stream`: 400 bytes of invalid UTF-8
+    /// became 400 U+FFFD (1200 bytes), a reason that `encode` then cut to 1023 bytes, so the
+    /// decoded message did not survive encoding. The reason now stays within the limit.
+    #[test]
+    fn invalid_utf8_reason_stays_within_the_limit_and_round_trips() {
+        let mut body = BytesMut::new();
+        put_varint(&mut body, 2);
+        put_bytes(&mut body, &[0xff; 400]);
+        let mut buf = BytesMut::new();
+        put_varint(&mut buf, T_SUBSCRIBE_ERROR);
+        put_varint(&mut buf, body.len() as u64);
+        buf.put_slice(&body);
+        let msg = decode(&mut buf).unwrap().expect("a whole message");
+        let Message::SubscribeError { ref reason, .. } = msg else {
+            panic!("{msg:?}");
+        };
+        assert_eq!(reason.len(), 1023, "341 whole U+FFFD, the last one cut");
+        assert!(reason.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+        let mut again = BytesMut::new();
+        encode(&msg, &mut again);
+        assert_eq!(decode(&mut again).unwrap(), Some(msg));
     }
 
     /// Deterministic pseudo-random garbage and mutations of valid messages: the decoder must

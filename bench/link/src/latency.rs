@@ -8,6 +8,7 @@ use tern_origin_link::wire::Frame;
 use tern_origin_link::{unix_micros_now, BroadcastId, Origin, Registry, Upstream};
 
 use crate::impair::Profile;
+use crate::nft::NftLoss;
 
 /// What one run measured.
 #[derive(Debug, Clone)]
@@ -18,8 +19,9 @@ pub struct Report {
     pub received: u64,
     /// Capture → arrival latency of each received frame.
     pub latencies: Vec<Duration>,
-    /// Datagrams seen and dropped by the proxy, client → origin and back.
-    pub proxy: [(u64, u64); 2],
+    /// Datagrams seen and dropped, client → origin and back: by the proxy, or by nftables
+    /// when it injected the loss.
+    pub datagrams: [(u64, u64); 2],
 }
 
 impl Report {
@@ -41,11 +43,16 @@ impl Report {
 
 /// Publishes 20 ms frames of `payload` bytes for `duration` and measures them at a
 /// subscriber behind a proxy that applies `profile` in both directions.
+///
+/// With `nft_loss`, nftables also drops that share of the datagrams arriving at the proxy
+/// (see [`crate::nft`]; only inside a network namespace of its own); give the profile no
+/// loss of its own to compare the two loss models.
 pub async fn run(
     profile: Profile,
     duration: Duration,
     payload: usize,
     seed: u64,
+    nft_loss: Option<f64>,
 ) -> anyhow::Result<Report> {
     let id = Identity::self_signed(&["localhost"])?;
     let cert = id.chain[0].clone();
@@ -57,6 +64,13 @@ pub async fn run(
         let _ = stop_rx.await;
     }));
     let proxy = crate::proxy::start(origin_addr, profile.clone(), profile, seed).await?;
+    let nft = match nft_loss {
+        Some(loss) => Some(NftLoss::install(
+            [proxy.addr.port(), proxy.back_addr.port()],
+            loss,
+        )?),
+        None => None,
+    };
     let broadcast: BroadcastId = "bench".parse()?;
     let publisher = registry.publish(broadcast.clone(), 2);
     let up = Upstream::new(proxy.addr, "localhost", std::slice::from_ref(&cert))?;
@@ -92,12 +106,15 @@ pub async fn run(
         }
     }
     producer.abort();
-    let stats = *proxy.stats.lock().unwrap_or_else(|e| e.into_inner());
+    let datagrams = match &nft {
+        Some(nft) => nft.stats()?,
+        None => *proxy.stats.lock().unwrap_or_else(|e| e.into_inner()),
+    };
     let _ = stop_tx.send(());
     Ok(Report {
         sent: frames,
         received,
         latencies,
-        proxy: stats,
+        datagrams,
     })
 }

@@ -13,6 +13,8 @@ use crate::impair::{Impairment, Profile};
 pub struct Proxy {
     /// Where the client sends.
     pub addr: SocketAddr,
+    /// The socket that talks to the target (where the target's replies arrive).
+    pub back_addr: SocketAddr,
     /// Upstream (client → target) and downstream counters: (seen, dropped).
     pub stats: Arc<Mutex<[(u64, u64); 2]>>,
     /// UDP payload bytes offered to the proxy, client → target and back (the bytes a sender
@@ -40,6 +42,7 @@ pub async fn start(
     let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
     back.connect(target).await?;
     let addr = front.local_addr()?;
+    let back_addr = back.local_addr()?;
     let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
     let stats: Arc<Mutex<[(u64, u64); 2]>> = Arc::default();
     let bytes: Arc<[AtomicU64; 2]> = Arc::default();
@@ -88,6 +91,7 @@ pub async fn start(
     });
     Ok(Proxy {
         addr,
+        back_addr,
         stats,
         bytes,
         tasks: vec![upstream, downstream],

@@ -2,6 +2,10 @@
 //!
 //! `cargo run --release -p tern-bench-link --bin link-latency -- --seconds 60`
 //! runs every standard scenario and prints one line each; `--rtt-ms`/`--loss` run one.
+//!
+//! `--compare-nft` (inside a network namespace of its own: `bench/link/nft-check.sh`) runs
+//! the two loss scenarios of the requirement twice, alternately: loss from the proxy's seeded
+//! model, then from nftables with the proxy adding only the delay; one line each.
 
 use std::time::Duration;
 
@@ -26,6 +30,12 @@ struct Args {
     /// Opus payload bytes per frame (64 kb/s ≈ 160).
     #[arg(long, default_value_t = 160)]
     payload: usize,
+    /// Compare loss from the proxy with loss from nftables (needs its own network namespace).
+    #[arg(long)]
+    compare_nft: bool,
+    /// With --compare-nft: pairs of runs per scenario (proxy, nftables, proxy, ...).
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
 }
 
 fn scenarios(a: &Args) -> Vec<(String, Profile)> {
@@ -67,23 +77,85 @@ fn scenarios(a: &Args) -> Vec<(String, Profile)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.compare_nft {
+        return compare_nft(&a).await;
+    }
     println!("| scenario | frames | missing | datagrams dropped (up/down) | p50 | p90 | p99 | p99.9 | max |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (name, profile) in scenarios(&a) {
-        let r = latency::run(profile, Duration::from_secs(a.seconds), a.payload, a.seed).await?;
-        let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+        let r = latency::run(
+            profile,
+            Duration::from_secs(a.seconds),
+            a.payload,
+            a.seed,
+            None,
+        )
+        .await?;
         println!(
-            "| {name} | {} | {} | {}/{} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {}/{} | {} |",
             r.sent,
             r.missing(),
-            r.proxy[0].1,
-            r.proxy[1].1,
-            ms(r.quantile(0.5)),
-            ms(r.quantile(0.9)),
-            ms(r.quantile(0.99)),
-            ms(r.quantile(0.999)),
-            ms(r.quantile(1.0)),
+            r.datagrams[0].1,
+            r.datagrams[1].1,
+            percentiles(&r),
         );
     }
     Ok(())
+}
+
+/// The loss scenarios of the requirement, each with loss from the proxy and from nftables.
+async fn compare_nft(a: &Args) -> anyhow::Result<()> {
+    // Before any run, not after the first one.
+    tern_bench_link::nft::ensure_own_namespace()?;
+    let ms = Duration::from_millis;
+    let cases = match a.rtt_ms {
+        Some(rtt) => vec![(ms(rtt), a.loss)],
+        None => vec![(ms(50), 0.02), (ms(100), 0.05)],
+    };
+    println!("| scenario | loss from | run | frames | missing | dropped up | dropped down | p50 | p90 | p99 | p99.9 | max |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (rtt, loss) in cases {
+        let name = format!("{} ms RTT, {:.1}% loss", rtt.as_millis(), loss * 100.0);
+        for run in 1..=a.runs {
+            // Alternate so that load elsewhere on the machine hits both alike.
+            for (from, profile, nft) in [
+                ("proxy", Profile::rtt_loss(rtt, loss), None),
+                ("nftables", Profile::rtt_loss(rtt, 0.0), Some(loss)),
+            ] {
+                let seed = a.seed + u64::from(run) - 1;
+                let r = latency::run(
+                    profile,
+                    Duration::from_secs(a.seconds),
+                    a.payload,
+                    seed,
+                    nft,
+                )
+                .await?;
+                let dropped = |(seen, dropped): (u64, u64)| {
+                    let share = if seen == 0 {
+                        0.0
+                    } else {
+                        dropped as f64 / seen as f64 * 100.0
+                    };
+                    format!("{dropped} of {seen} ({share:.1}%)")
+                };
+                println!(
+                    "| {name} | {from} | {run} | {} | {} | {} | {} | {} |",
+                    r.sent,
+                    r.missing(),
+                    dropped(r.datagrams[0]),
+                    dropped(r.datagrams[1]),
+                    percentiles(&r),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// p50, p90, p99, p99.9 and max of a run, as table cells.
+fn percentiles(r: &latency::Report) -> String {
+    [0.5, 0.9, 0.99, 0.999, 1.0]
+        .map(|q| format!("{:.1} ms", r.quantile(q).as_secs_f64() * 1e3))
+        .join(" | ")
 }
