@@ -18,9 +18,10 @@
 //!   the same media), and counts as success. Playlists are overwritten.
 //! - Every object carries its Content-Type and the configured Cache-Control.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
@@ -177,6 +178,10 @@ enum Attempt {
     AlreadyThere,
 }
 
+/// How many segment upload latencies [`UploadStats`] keeps (the newest; about 2 h of one
+/// broadcast with two renditions).
+pub const RECENT_LATENCIES: usize = 4096;
+
 /// What an uploader did (the same figures go to the metrics).
 #[derive(Debug, Default)]
 pub struct UploadStats {
@@ -188,6 +193,32 @@ pub struct UploadStats {
     pub requests_done: AtomicU64,
     /// Failed attempts that were retried.
     pub retries: AtomicU64,
+    /// Upload latency of the newest segments (path, latency): see
+    /// [`UploadStats::segment_latencies`].
+    latencies: Mutex<VecDeque<(String, Duration)>>,
+}
+
+impl UploadStats {
+    /// Time from each recent segment's last sample (its capture time at the origin) until
+    /// S3 answered its PUT (stored, or 412: already stored), oldest first, at most
+    /// [`RECENT_LATENCIES`]. Measured on this host's clock against the origin's: clock offset
+    /// between the two hosts is part of it.
+    pub fn segment_latencies(&self) -> Vec<(String, Duration)> {
+        self.latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn record_latency(&self, path: &str, latency: Duration) {
+        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() == RECENT_LATENCIES {
+            l.pop_front();
+        }
+        l.push_back((path.to_owned(), latency));
+    }
 }
 
 /// Uploads one broadcast's spool.
@@ -318,6 +349,19 @@ impl Uploader {
             metrics::counter!("tern_packager_segments_uploaded_total",
                 "broadcast" => self.broadcast.clone(), "outcome" => outcome)
             .increment(1);
+            // From the segment's last sample to S3's answer. A clock behind the origin's
+            // (negative latency) records nothing rather than a made-up zero.
+            let latency = entry.captured_us.and_then(|us| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH + Duration::from_micros(us))
+                    .ok()
+            });
+            if let Some(latency) = latency {
+                self.stats.record_latency(&entry.path, latency);
+                metrics::histogram!("tern_packager_segment_upload_latency_seconds",
+                    "broadcast" => self.broadcast.clone())
+                .record(latency.as_secs_f64());
+            }
         }
     }
 
