@@ -547,6 +547,10 @@ mod tests {
             "the delete waits for the playlist in flight"
         );
         s.append(&pl("a/index.m3u8", b"p2")).unwrap();
+        assert!(
+            s.next_ready().is_none(),
+            "one write per object at a time: p2 waits for p1"
+        );
         s.complete(first.seq);
         // The delete waits while a playlist of its folder at or after the one it followed is
         // queued: conservative, never wrong.
