@@ -10,12 +10,17 @@
 //! wait for the AAC encoder's look-ahead (the segment closes when the next frame's packet comes
 //! out), the spool write, the queue behind other uploads, and the PUT itself.
 //!
+//! Each `--concurrency` value gets its own pipeline (packager, spool, uploader, key prefix),
+//! all fed the same frames at the same time, so they are compared side by side under the same
+//! machine load and against the same server.
+//!
 //! ```sh
-//! bench/s3-latency                      # 60 s, moto from target/venv
-//! bench/s3-latency --seconds 10         # quicker
+//! bench/s3-latency                      # 60 s, moto from target/venv, concurrency 1 and 4
+//! bench/s3-latency --seconds 10 --concurrency 4
 //! ```
 //!
-//! Usage: `s3_latency INPUT.opus [--seconds N] [--endpoint URL --bucket NAME]`. With
+//! Usage: `s3_latency INPUT.opus [--seconds N] [--concurrency 1,4] [--endpoint URL --bucket
+//! NAME]`. With
 //! `--endpoint`, credentials come from the standard AWS chain (e.g. `AWS_ACCESS_KEY_ID`) and the
 //! bucket must exist.
 
@@ -139,6 +144,7 @@ fn main() {
     let mut seconds = 60u64;
     let mut endpoint = None;
     let mut bucket = "tern-bench".to_owned();
+    let mut concurrency = vec![1usize, 4];
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seconds" => {
@@ -149,6 +155,12 @@ fn main() {
             }
             "--endpoint" => endpoint = Some(args.next().expect("--endpoint URL")),
             "--bucket" => bucket = args.next().expect("--bucket NAME"),
+            "--concurrency" => {
+                concurrency = args
+                    .next()
+                    .map(|v| v.split(',').map(|n| n.parse().expect("a number")).collect())
+                    .expect("--concurrency N[,N...]")
+            }
             _ => input = Some(PathBuf::from(a)),
         }
     }
@@ -188,15 +200,18 @@ fn main() {
         rt.block_on(client.create_bucket().bucket(&bucket).send())
             .expect("bucket created");
     }
-    let mut pipelines = vec![Pipeline::start(
-        &rt,
-        client.clone(),
-        S3Settings {
-            prefix: "sequential".into(),
-            ..settings.clone()
-        },
-        "sequential".into(),
-    )];
+    let mut pipelines: Vec<Pipeline> = concurrency
+        .iter()
+        .map(|&n| {
+            let label = format!("concurrency {n}");
+            let s = S3Settings {
+                prefix: format!("c{n}"),
+                upload_concurrency: n,
+                ..settings.clone()
+            };
+            Pipeline::start(&rt, client.clone(), s, label)
+        })
+        .collect();
     println!(
         "server: {} ({endpoint}); {seconds} s of {} in real time; {} pipeline(s) side by side",
         if own_server { "moto" } else { "given endpoint" },
