@@ -30,7 +30,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation};
 use aws_sdk_s3::primitives::ByteStream;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::spool::{Entry, Op, Spool};
@@ -251,6 +251,9 @@ impl Uploader {
         let limit = self.settings.upload_concurrency.max(1);
         let this = Arc::new(self);
         let mut uploads = JoinSet::new();
+        // Rung by any upload that succeeds after failing: S3 is back, so the others waiting in
+        // their backoff retry now instead of each sleeping out its own delay.
+        let recovered = Arc::new(Notify::new());
         // Spool sequence number of each upload task, to release it if the task fails.
         let mut in_flight = HashMap::new();
         // A dropped stop sender counts as a stop; a dropped wake sender (the packager ended)
@@ -269,7 +272,9 @@ impl Uploader {
                 };
                 let seq = entry.seq;
                 let me = this.clone();
-                let task = uploads.spawn(async move { me.upload_with_retries(&entry).await });
+                let recovered = recovered.clone();
+                let task =
+                    uploads.spawn(async move { me.upload_with_retries(&entry, &recovered).await });
                 in_flight.insert(task.id(), seq);
             }
             if uploads.is_empty() {
@@ -330,7 +335,7 @@ impl Uploader {
     }
 
     /// Retries one entry until it is stored (or found unreadable, then skipped).
-    async fn upload_with_retries(&self, entry: &Entry) {
+    async fn upload_with_retries(&self, entry: &Entry, recovered: &Notify) {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.settings.retry_min)
             .with_max_delay(self.settings.retry_max)
@@ -343,6 +348,7 @@ impl Uploader {
             match self.attempt(entry).await {
                 Ok(outcome) => {
                     if failures > 0 {
+                        recovered.notify_waiters();
                         tracing::info!(broadcast = %self.broadcast, path = %entry.path, failures,
                             "upload succeeded after retries");
                     }
@@ -369,7 +375,12 @@ impl Uploader {
                             "upload failed, retrying in {delay:?}: {msg}");
                     }
                     self.update_gauges();
-                    tokio::time::sleep(delay).await;
+                    // Registered before the sleep, so a recovery during it is not missed.
+                    let woken = recovered.notified();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = woken => {}
+                    }
                 }
             }
         }
