@@ -13,7 +13,8 @@
 //! bench/run --seconds 10 --runs 1   # smoke run
 //! ```
 //!
-//! Usage: `hls_bench INPUT.opus [--runs N] [--out DIR]` (INPUT: Ogg Opus, 48 kHz).
+//! Usage: `hls_bench INPUT.opus [--runs N] [--coder twoloop|fast] [--out DIR]` (INPUT: Ogg
+//! Opus, 48 kHz; both coders unless `--coder`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
@@ -131,11 +132,19 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut input = None;
     let mut runs = 5usize;
+    let mut coders = vec![AacCoder::TwoLoop, AacCoder::Fast];
     let mut out = std::env::temp_dir().join(format!("tern-bench-{}", std::process::id()));
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--out" => out = PathBuf::from(args.next().expect("--out DIR")),
+            "--coder" => {
+                coders = match args.next().as_deref() {
+                    Some("twoloop") => vec![AacCoder::TwoLoop],
+                    Some("fast") => vec![AacCoder::Fast],
+                    _ => panic!("--coder twoloop|fast"),
+                }
+            }
             _ => input = Some(PathBuf::from(a)),
         }
     }
@@ -150,7 +159,7 @@ fn main() {
     );
     println!("| coder | tern packager | ffmpeg CLI | ratio |");
     println!("|---|---|---|---|");
-    for coder in [AacCoder::TwoLoop, AacCoder::Fast] {
+    for coder in coders {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         for _ in 0..runs {
