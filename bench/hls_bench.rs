@@ -13,13 +13,16 @@
 //! bench/run --seconds 10 --runs 1   # smoke run
 //! ```
 //!
-//! Usage: `hls_bench INPUT.opus [--runs N] [--out DIR]` (INPUT: Ogg Opus, 48 kHz).
+//! Usage: `hls_bench INPUT.opus [--runs N] [--coder twoloop|fast] [--out DIR]` (INPUT: Ogg
+//! Opus, 48 kHz; both coders unless `--coder`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
-use ffmpeg_next as ffmpeg;
+use opus_input::read_opus;
 use tern_packager::{AacCoder, Command, OpusFrame, Packager, PackagerConfig};
+
+mod opus_input;
 
 /// CPU seconds (user + system) from a /proc stat line: fields 14, 15 (self) or 16, 17
 /// (waited-for children), in clock ticks (100 per second on Linux).
@@ -48,32 +51,6 @@ fn children_cpu() -> f64 {
         &std::fs::read_to_string("/proc/self/stat").unwrap_or_default(),
         true,
     )
-}
-
-/// The input's Opus packets, with 48 kHz timestamps.
-fn read_opus(path: &Path) -> Vec<OpusFrame> {
-    ffmpeg::init().expect("FFmpeg initialises");
-    let mut input = ffmpeg::format::input(path).expect("input opens");
-    let stream = input
-        .streams()
-        .best(ffmpeg::media::Type::Audio)
-        .expect("an audio stream");
-    let index = stream.index();
-    let tb = stream.time_base();
-    let mut frames = Vec::new();
-    for (s, packet) in input.packets() {
-        if s.index() != index {
-            continue;
-        }
-        let pts = packet.pts().unwrap_or(0).max(0) as u64;
-        let ts = pts * 48_000 * tb.numerator() as u64 / tb.denominator() as u64;
-        frames.push(OpusFrame {
-            timestamp: ts,
-            capture_time_us: 1_700_000_000_000_000 + ts * 1_000 / 48,
-            payload: bytes::Bytes::copy_from_slice(packet.data().unwrap_or_default()),
-        });
-    }
-    frames
 }
 
 /// One packager run over all frames; returns CPU seconds and bytes of output.
@@ -155,11 +132,19 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut input = None;
     let mut runs = 5usize;
+    let mut coders = vec![AacCoder::TwoLoop, AacCoder::Fast];
     let mut out = std::env::temp_dir().join(format!("tern-bench-{}", std::process::id()));
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
             "--out" => out = PathBuf::from(args.next().expect("--out DIR")),
+            "--coder" => {
+                coders = match args.next().as_deref() {
+                    Some("twoloop") => vec![AacCoder::TwoLoop],
+                    Some("fast") => vec![AacCoder::Fast],
+                    _ => panic!("--coder twoloop|fast"),
+                }
+            }
             _ => input = Some(PathBuf::from(a)),
         }
     }
@@ -174,7 +159,7 @@ fn main() {
     );
     println!("| coder | tern packager | ffmpeg CLI | ratio |");
     println!("|---|---|---|---|");
-    for coder in [AacCoder::TwoLoop, AacCoder::Fast] {
+    for coder in coders {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         for _ in 0..runs {

@@ -175,6 +175,9 @@ pub enum Command {
         path: String,
         body: bytes::Bytes,
         kind: ObjectKind,
+        /// Segments only: the origin's capture time (µs since the Unix epoch) of the end of the
+        /// segment's last sample, the instant from which its upload latency is measured.
+        captured_us: Option<u64>,
     },
     Delete {
         path: String,

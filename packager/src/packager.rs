@@ -194,6 +194,7 @@ impl Packager {
                 path: format!("{}/init.mp4", r.name),
                 body: init,
                 kind: ObjectKind::InitSegment,
+                captured_us: None,
             });
             variants.push(Variant {
                 name: r.name.clone(),
@@ -224,6 +225,7 @@ impl Packager {
             path: "master.m3u8".to_owned(),
             body: playlist::render_master(&variants),
             kind: ObjectKind::MasterPlaylist,
+            captured_us: None,
         });
         Ok(Self {
             segment_samples,
@@ -305,6 +307,7 @@ impl Packager {
                 path: format!("{}/index.m3u8", r.name),
                 body: r.playlist.render(),
                 kind: ObjectKind::MediaPlaylist,
+                captured_us: None,
             });
         }
         Ok(())
@@ -426,10 +429,12 @@ impl Packager {
                     "segment bitrate above the declared BANDWIDTH");
             }
         }
+        let end_pts = segment.start_pts.saturating_add_unsigned(segment.duration);
         self.commands.push_back(Command::Put {
             path: format!("{}/{}", r.name, playlist::segment_uri(index)),
             body,
             kind: ObjectKind::Segment,
+            captured_us: self.clock.capture_time_at(end_pts),
         });
         let deletable = r.playlist.push(Entry {
             index,
@@ -441,6 +446,7 @@ impl Packager {
             path: format!("{}/index.m3u8", r.name),
             body: r.playlist.render(),
             kind: ObjectKind::MediaPlaylist,
+            captured_us: None,
         });
         for old in deletable {
             self.commands.push_back(Command::Delete {
@@ -638,6 +644,7 @@ mod tests {
                     path,
                     body,
                     kind: ObjectKind::MediaPlaylist,
+                    ..
                 } => {
                     let dir = path.rsplit_once('/').unwrap().0;
                     let Ok(m3u8_rs::Playlist::MediaPlaylist(pl)) =
@@ -701,6 +708,43 @@ mod tests {
             let ms = (w[1] - w[0]).num_milliseconds();
             assert!((1_970..=2_030).contains(&ms), "{ms}");
         }
+    }
+
+    #[test]
+    fn segments_carry_the_capture_time_of_their_end() {
+        let mut p = Packager::new(one_rendition()).unwrap();
+        let mut commands = drain(&mut p);
+        for k in 0..600u64 {
+            p.push(frame(k * 960)).unwrap();
+            commands.extend(drain(&mut p));
+        }
+        let mut seen = 0;
+        for c in &commands {
+            let Command::Put {
+                path,
+                kind,
+                captured_us,
+                ..
+            } = c
+            else {
+                continue;
+            };
+            if *kind != ObjectKind::Segment {
+                assert_eq!(*captured_us, None, "{path}");
+                continue;
+            }
+            let index: u64 = path[4..].strip_suffix(".m4s").unwrap().parse().unwrap();
+            // The segment ends on the first AAC frame at or after the next boundary: up to one
+            // frame (21.3 ms) past it. `frame` stamps capture time = 1.7e15 µs + media time.
+            let boundary = 1_700_000_000_000_000 + (index + 1) * 2_000_000;
+            let got = captured_us.expect("a segment has a capture time");
+            assert!(
+                (boundary..=boundary + 21_334).contains(&got),
+                "{path}: {got} vs boundary {boundary}"
+            );
+            seen += 1;
+        }
+        assert!(seen >= 4, "{seen} segments");
     }
 
     #[test]

@@ -8,26 +8,30 @@
 //!   packager's own thread (a small file write) and wakes the uploader with a `try_send` on a
 //!   bounded channel of one slot. It never waits on the network, so an S3 stall never slows
 //!   encoding, and everything produced is on disk before the packager moves on.
-//! - [`Uploader::run`] is a tokio task that uploads spool entries one at a time in the spool's
-//!   order (segment before the playlist naming it, the newest playlist only, deletes after the
-//!   playlist that dropped the segment), retrying each with exponential backoff and jitter
-//!   (backon) until it succeeds or the task is told to stop. What is left when it stops stays in
-//!   the spool for the next run.
+//! - [`Uploader::run`] is a tokio task that uploads spool entries, up to
+//!   [`S3Settings::upload_concurrency`] at once, as the spool's ordering rules let them out
+//!   (segment before the playlist naming it, the newest playlist only and one write per object
+//!   at a time, deletes after the playlist that dropped the segment): segments of different
+//!   renditions go in parallel, and a playlist waits only for its own rendition. Each upload is
+//!   retried with exponential backoff and jitter (backon) until it succeeds or the task is told
+//!   to stop. What is left when it stops stays in the spool for the next run.
 //! - Segments and init segments are written with `If-None-Match: *`; 412 Precondition Failed
 //!   means another packager stored the same object first (names follow media time, so it holds
 //!   the same media), and counts as success. Playlists are overwritten.
 //! - Every object carries its Content-Type and the configured Cache-Control.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{Region, RequestChecksumCalculation};
 use aws_sdk_s3::primitives::ByteStream;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinSet;
 
 use crate::spool::{Entry, Op, Spool};
 use crate::{Command, Error, ObjectKind, Sink};
@@ -55,6 +59,10 @@ pub struct S3Settings {
     /// Backoff between retries: from `retry_min` doubling up to `retry_max`, with jitter.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Uploads in flight at once per broadcast (at least 1). Two renditions produce two
+    /// segments and two playlists every segment duration; more helps catching up after an
+    /// outage.
+    pub upload_concurrency: usize,
 }
 
 impl Default for S3Settings {
@@ -71,6 +79,7 @@ impl Default for S3Settings {
             attempt_timeout: Duration::from_secs(10),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(5),
+            upload_concurrency: 4,
         }
     }
 }
@@ -177,6 +186,10 @@ enum Attempt {
     AlreadyThere,
 }
 
+/// How many segment upload latencies [`UploadStats`] keeps (the newest; about 2 h of one
+/// broadcast with two renditions).
+pub const RECENT_LATENCIES: usize = 4096;
+
 /// What an uploader did (the same figures go to the metrics).
 #[derive(Debug, Default)]
 pub struct UploadStats {
@@ -188,6 +201,32 @@ pub struct UploadStats {
     pub requests_done: AtomicU64,
     /// Failed attempts that were retried.
     pub retries: AtomicU64,
+    /// Upload latency of the newest segments (path, latency): see
+    /// [`UploadStats::segment_latencies`].
+    latencies: Mutex<VecDeque<(String, Duration)>>,
+}
+
+impl UploadStats {
+    /// Time from each recent segment's last sample (its capture time at the origin) until
+    /// S3 answered its PUT (stored, or 412: already stored), oldest first, at most
+    /// [`RECENT_LATENCIES`]. Measured on this host's clock against the origin's: clock offset
+    /// between the two hosts is part of it.
+    pub fn segment_latencies(&self) -> Vec<(String, Duration)> {
+        self.latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn record_latency(&self, path: &str, latency: Duration) {
+        let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        if l.len() == RECENT_LATENCIES {
+            l.pop_front();
+        }
+        l.push_back((path.to_owned(), latency));
+    }
 }
 
 /// Uploads one broadcast's spool.
@@ -209,39 +248,80 @@ impl Uploader {
         mut stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let b = self.broadcast.clone();
+        let limit = self.settings.upload_concurrency.max(1);
+        let this = Arc::new(self);
+        let mut uploads = JoinSet::new();
+        // Rung by any upload that succeeds after failing: S3 is back, so the others waiting in
+        // their backoff retry now instead of each sleeping out its own delay.
+        let recovered = Arc::new(Notify::new());
+        // Spool sequence number of each upload task, to release it if the task fails.
+        let mut in_flight = HashMap::new();
+        // A dropped stop sender counts as a stop; a dropped wake sender (the packager ended)
+        // leaves the periodic re-check.
+        let mut stopping = false;
+        let mut wake_open = true;
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            self.update_gauges();
-            if deadline.is_none() && *stop.borrow() {
+            this.update_gauges();
+            if deadline.is_none() && (stopping || *stop.borrow()) {
                 deadline = Some(tokio::time::Instant::now() + drain);
+            }
+            while uploads.len() < limit {
+                let Some(entry) = this.spool.next_ready() else {
+                    break;
+                };
+                let seq = entry.seq;
+                let me = this.clone();
+                let recovered = recovered.clone();
+                let task =
+                    uploads.spawn(async move { me.upload_with_retries(&entry, &recovered).await });
+                in_flight.insert(task.id(), seq);
+            }
+            if uploads.is_empty() {
+                if deadline.is_some() {
+                    return; // drained
+                }
+                // Idle: wait for the packager, a stop, or a periodic re-check.
+                tokio::select! {
+                    r = wake.recv(), if wake_open => wake_open = r.is_some(),
+                    r = stop.changed(), if !stopping => stopping |= r.is_err(),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
             }
             let until = deadline.unwrap_or_else(|| {
                 tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
             });
-            if let Some(entry) = self.spool.next_ready() {
-                let seq = entry.seq;
-                let done = tokio::select! {
-                    ok = self.upload_with_retries(&entry) => ok,
-                    () = tokio::time::sleep_until(until) => false,
-                };
-                if done {
-                    self.spool.complete(seq);
-                    continue;
-                }
-                self.spool.release(seq);
-                tracing::warn!(broadcast = %b, left = self.spool.len(),
-                    "uploader stopping with entries spooled; the next run uploads them");
-                return;
-            }
-            if deadline.is_some() {
-                return; // drained
-            }
-            // Idle: wait for the packager, a stop, or a periodic re-check.
             tokio::select! {
-                _ = wake.recv() => {}
-                _ = stop.changed() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                done = uploads.join_next_with_id() => {
+                    match done {
+                        Some(Ok((id, ()))) => {
+                            if let Some(seq) = in_flight.remove(&id) {
+                                this.spool.complete(seq);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            // A panicked upload: leave its entry queued for another try.
+                            tracing::error!(broadcast = %this.broadcast, "upload task failed: {e}");
+                            if let Some(seq) = in_flight.remove(&e.id()) {
+                                this.spool.release(seq);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                // New entries may be ready to go beside those in flight.
+                r = wake.recv(), if wake_open => wake_open = r.is_some(),
+                r = stop.changed(), if !stopping => stopping |= r.is_err(),
+                () = tokio::time::sleep_until(until) => {
+                    uploads.abort_all();
+                    for seq in in_flight.values() {
+                        this.spool.release(*seq);
+                    }
+                    tracing::warn!(broadcast = %this.broadcast, left = this.spool.len(),
+                        "uploader stopping with entries spooled; the next run uploads them");
+                    return;
+                }
             }
         }
     }
@@ -254,8 +334,8 @@ impl Uploader {
             .set(self.spool.lag().as_secs_f64());
     }
 
-    /// Retries one entry until it is stored. Returns false only if the body cannot be read.
-    async fn upload_with_retries(&self, entry: &Entry) -> bool {
+    /// Retries one entry until it is stored (or found unreadable, then skipped).
+    async fn upload_with_retries(&self, entry: &Entry, recovered: &Notify) {
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.settings.retry_min)
             .with_max_delay(self.settings.retry_max)
@@ -268,17 +348,18 @@ impl Uploader {
             match self.attempt(entry).await {
                 Ok(outcome) => {
                     if failures > 0 {
+                        recovered.notify_waiters();
                         tracing::info!(broadcast = %self.broadcast, path = %entry.path, failures,
                             "upload succeeded after retries");
                     }
                     self.count_success(entry, outcome);
-                    return true;
+                    return;
                 }
                 Err(UploadError::Body(e)) => {
                     // The entry's file is gone or unreadable: nothing can be uploaded for it.
                     tracing::error!(broadcast = %self.broadcast, path = %entry.path,
                         "spool entry unreadable, skipped: {e}");
-                    return true;
+                    return;
                 }
                 Err(UploadError::Store(msg)) => {
                     failures += 1;
@@ -294,7 +375,12 @@ impl Uploader {
                             "upload failed, retrying in {delay:?}: {msg}");
                     }
                     self.update_gauges();
-                    tokio::time::sleep(delay).await;
+                    // Registered before the sleep, so a recovery during it is not missed.
+                    let woken = recovered.notified();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = woken => {}
+                    }
                 }
             }
         }
@@ -318,6 +404,19 @@ impl Uploader {
             metrics::counter!("tern_packager_segments_uploaded_total",
                 "broadcast" => self.broadcast.clone(), "outcome" => outcome)
             .increment(1);
+            // From the segment's last sample to S3's answer. A clock behind the origin's
+            // (negative latency) records nothing rather than a made-up zero.
+            let latency = entry.captured_us.and_then(|us| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH + Duration::from_micros(us))
+                    .ok()
+            });
+            if let Some(latency) = latency {
+                self.stats.record_latency(&entry.path, latency);
+                metrics::histogram!("tern_packager_segment_upload_latency_seconds",
+                    "broadcast" => self.broadcast.clone())
+                .record(latency.as_secs_f64());
+            }
         }
     }
 

@@ -164,6 +164,7 @@ mod tests {
             path: "64k/7.m4s".into(),
             body: Bytes::from_static(b"abc"),
             kind: ObjectKind::Segment,
+            captured_us: None,
         };
         sink.apply(&put).unwrap();
         assert_eq!(fs::read(root.join("64k/7.m4s")).unwrap(), b"abc");

@@ -1,23 +1,30 @@
 //! An on-disk, ordered queue of storage commands waiting to be uploaded.
 //!
 //! The packager thread appends every command it produces ([`Spool::append`]); the uploader
-//! task takes the next one that may go out ([`Spool::next_ready`]), uploads it, and removes it
-//! ([`Spool::complete`]). Entries are files named by a sequence number, written to a temporary
+//! takes each entry that may go out now ([`Spool::next_ready`], several at a time when the
+//! ordering rules allow), uploads it, and removes it ([`Spool::complete`]). Entries are files named by a sequence number, written to a temporary
 //! name and renamed, so a crash (even `kill -9`) leaves only whole entries, and a restart
 //! ([`Spool::open`]) resumes where the last run stopped, in order.
 //!
 //! # Ordering rules (what keeps every stored playlist valid)
 //!
-//! - Puts of segments, init segments and the master playlist go out in the order produced.
-//! - A media playlist goes out only after every put enqueued before it: a playlist never names
-//!   a segment that is not stored yet.
-//! - Only the newest playlist per path needs uploading: appending a playlist drops an older
-//!   queued one for the same path (unless it is being uploaded right now). During an outage the
-//!   queue therefore holds at most one playlist per rendition.
-//! - A delete of an expired segment goes out only once a playlist that no longer names it has
-//!   been uploaded (it records the sequence number of the playlist queued before it, and waits
-//!   while that playlist or a newer one of the same folder is still queued). A delete may thus
-//!   be overtaken by later entries; nothing else is.
+//! An entry is *pending* from [`Spool::append`] until [`Spool::complete`], including while it
+//! is being uploaded. [`Spool::next_ready`] hands out an entry only when:
+//!
+//! - no earlier entry for the same path is pending: writes to one object happen in the order
+//!   produced, one at a time (so an older playlist can never land after a newer one);
+//! - for a playlist (media or master): no earlier put of a segment or init segment of the same
+//!   folder is pending: a playlist never names a segment (or an `EXT-X-MAP`) that is not stored
+//!   yet;
+//! - for a delete of an expired segment: a playlist that no longer names it has been stored
+//!   (the delete records the sequence number of the playlist queued before it, and waits while
+//!   that playlist or a newer one of the same folder is pending).
+//!
+//! Anything else may go out at once and in parallel: segments of different renditions, and
+//! the segments of one rendition after an outage. Only the newest playlist per path needs
+//! uploading: appending a playlist drops an older queued one for the same path (unless it is
+//! being uploaded right now). During an outage the queue therefore holds at most one or two
+//! playlists per rendition.
 //!
 //! # Bound
 //!
@@ -27,7 +34,7 @@
 //! larger than the spool), the new segment is refused with [`Error::SpoolFull`] and counted:
 //! size the spool for the longest outage to ride out (64 + 128 kbps ≈ 86 MB per hour).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -61,6 +68,9 @@ pub struct Entry {
     pub size: u64,
     /// When the command was appended.
     pub enqueued: SystemTime,
+    /// Segments: the origin's capture time of the segment's end, µs since the Unix epoch (see
+    /// [`Command::Put`]).
+    pub captured_us: Option<u64>,
 }
 
 impl Entry {
@@ -70,6 +80,14 @@ impl Entry {
 
     fn is_playlist(&self) -> bool {
         self.op == Op::Put(ObjectKind::MediaPlaylist)
+    }
+
+    /// A put of an object that playlists name (segment or init segment).
+    fn is_media(&self) -> bool {
+        matches!(
+            self.op,
+            Op::Put(ObjectKind::Segment) | Op::Put(ObjectKind::InitSegment)
+        )
     }
 }
 
@@ -82,7 +100,8 @@ struct State {
     entries: BTreeMap<u64, Entry>,
     next_seq: u64,
     bytes: u64,
-    in_flight: Option<u64>,
+    /// Entries handed out by `next_ready` and not yet completed or released.
+    in_flight: BTreeSet<u64>,
     /// Segments refused or evicted because the spool was full.
     dropped: u64,
 }
@@ -173,8 +192,13 @@ impl Spool {
         let mut st = self.lock();
         let seq = st.next_seq;
         let enqueued = SystemTime::now();
-        let (op, path, body) = match command {
-            Command::Put { path, body, kind } => (Op::Put(*kind), path, body.clone()),
+        let (op, path, body, captured_us) = match command {
+            Command::Put {
+                path,
+                body,
+                kind,
+                captured_us,
+            } => (Op::Put(*kind), path, body.clone(), *captured_us),
             Command::Delete { path } => {
                 let after_playlist = st
                     .entries
@@ -182,10 +206,10 @@ impl Spool {
                     .rev()
                     .find(|e| e.is_playlist() && e.folder() == folder(path))
                     .map_or(0, |e| e.seq);
-                (Op::Delete { after_playlist }, path, Bytes::new())
+                (Op::Delete { after_playlist }, path, Bytes::new(), None)
             }
         };
-        let header = header_line(&op, path, enqueued);
+        let header = header_line(&op, path, enqueued, captured_us);
         let size = (header.len() + body.len()) as u64;
         if op == Op::Put(ObjectKind::Segment) && st.bytes + size > self.max_bytes {
             self.evict_expired(&mut st, size);
@@ -220,7 +244,7 @@ impl Spool {
             let older: Vec<u64> = st
                 .entries
                 .values()
-                .filter(|e| e.is_playlist() && e.path == *path && Some(e.seq) != st.in_flight)
+                .filter(|e| e.is_playlist() && e.path == *path && !st.in_flight.contains(&e.seq))
                 .map(|e| e.seq)
                 .collect();
             for old in older {
@@ -235,6 +259,7 @@ impl Spool {
                 path: path.clone(),
                 size,
                 enqueued,
+                captured_us,
             },
         );
         Ok(())
@@ -244,7 +269,7 @@ impl Spool {
     fn evict_expired(&self, st: &mut State, need: u64) {
         while st.bytes + need > self.max_bytes {
             let victim = st.entries.values().find_map(|e| {
-                if e.op != Op::Put(ObjectKind::Segment) || Some(e.seq) == st.in_flight {
+                if e.op != Op::Put(ObjectKind::Segment) || st.in_flight.contains(&e.seq) {
                     return None;
                 }
                 st.entries
@@ -277,24 +302,42 @@ impl Spool {
         }
     }
 
-    /// The next entry that may be uploaded now (see the ordering rules), marked in flight.
+    /// The oldest entry that may be uploaded now, beside those already in flight (see the
+    /// ordering rules), marked in flight. One pass over the queue.
     pub fn next_ready(&self) -> Option<Entry> {
         let mut st = self.lock();
-        if st.in_flight.is_some() {
-            return None;
+        // Newest pending playlist per folder, for the deletes' rule.
+        let mut newest_playlist: HashMap<&str, u64> = HashMap::new();
+        for e in st.entries.values().filter(|e| e.is_playlist()) {
+            newest_playlist.insert(e.folder(), e.seq);
         }
-        let found = st
-            .entries
-            .values()
-            .find(|e| match e.op {
-                Op::Delete { after_playlist } => !st.entries.values().any(|p| {
-                    p.is_playlist() && p.folder() == e.folder() && p.seq >= after_playlist
-                }),
-                Op::Put(_) => true,
-            })
-            .cloned();
+        // Paths and folders with pending entries, among those scanned so far (earlier ones).
+        let mut paths: HashSet<&str> = HashSet::new();
+        let mut media_folders: HashSet<&str> = HashSet::new();
+        let mut found = None;
+        for e in st.entries.values() {
+            let ready = !st.in_flight.contains(&e.seq)
+                && !paths.contains(e.path.as_str())
+                && match e.op {
+                    Op::Put(ObjectKind::MediaPlaylist | ObjectKind::MasterPlaylist) => {
+                        !media_folders.contains(e.folder())
+                    }
+                    Op::Put(ObjectKind::Segment | ObjectKind::InitSegment) => true,
+                    Op::Delete { after_playlist } => newest_playlist
+                        .get(e.folder())
+                        .is_none_or(|newest| *newest < after_playlist),
+                };
+            if ready {
+                found = Some(e.clone());
+                break;
+            }
+            paths.insert(&e.path);
+            if e.is_media() {
+                media_folders.insert(e.folder());
+            }
+        }
         if let Some(e) = &found {
-            st.in_flight = Some(e.seq);
+            st.in_flight.insert(e.seq);
         }
         found
     }
@@ -310,21 +353,21 @@ impl Spool {
         Ok(Bytes::from(raw).slice(start..))
     }
 
-    /// The in-flight entry is done: remove it.
+    /// An in-flight entry is done: remove it.
     pub fn complete(&self, seq: u64) {
         let mut st = self.lock();
-        if st.in_flight == Some(seq) {
-            st.in_flight = None;
-        }
+        st.in_flight.remove(&seq);
         self.remove(&mut st, seq);
     }
 
-    /// The in-flight entry was not uploaded (shutting down): leave it queued.
+    /// An in-flight entry was not uploaded (shutting down): leave it queued.
     pub fn release(&self, seq: u64) {
-        let mut st = self.lock();
-        if st.in_flight == Some(seq) {
-            st.in_flight = None;
-        }
+        self.lock().in_flight.remove(&seq);
+    }
+
+    /// Entries handed out by [`Spool::next_ready`] and not yet completed or released.
+    pub fn in_flight(&self) -> usize {
+        self.lock().in_flight.len()
     }
 
     /// Bytes queued.
@@ -357,16 +400,19 @@ impl Spool {
     }
 }
 
-fn header_line(op: &Op, path: &str, enqueued: SystemTime) -> String {
+/// `tern-spool-2 {enqueued ms} {captured µs or -} {put KIND | delete SEQ} {path}`; version 1
+/// (no capture time) is still read, so an upgrade resumes an old spool.
+fn header_line(op: &Op, path: &str, enqueued: SystemTime, captured_us: Option<u64>) -> String {
     let ms = enqueued
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
+    let captured = captured_us.map_or_else(|| "-".to_owned(), |us| us.to_string());
     let op = match op {
         Op::Put(kind) => format!("put {}", kind.tag()),
         Op::Delete { after_playlist } => format!("delete {after_playlist}"),
     };
     // Object paths come from the packager: no newlines.
-    format!("tern-spool-1 {ms} {op} {path}\n")
+    format!("tern-spool-2 {ms} {captured} {op} {path}\n")
 }
 
 fn read_header(path: &Path, seq: u64) -> io::Result<Entry> {
@@ -374,14 +420,23 @@ fn read_header(path: &Path, seq: u64) -> io::Result<Entry> {
     let raw = fs::read(path)?;
     let end = raw.iter().position(|b| *b == b'\n').ok_or_else(invalid)?;
     let line = std::str::from_utf8(&raw[..end]).map_err(|_| invalid())?;
-    let mut parts = line.splitn(5, ' ');
-    if parts.next() != Some("tern-spool-1") {
-        return Err(invalid());
-    }
+    let (version, rest) = line.split_once(' ').ok_or_else(invalid)?;
+    let mut parts = match version {
+        "tern-spool-1" => rest.splitn(4, ' '),
+        "tern-spool-2" => rest.splitn(5, ' '),
+        _ => return Err(invalid()),
+    };
     let ms: u64 = parts
         .next()
         .and_then(|s| s.parse().ok())
         .ok_or_else(invalid)?;
+    let captured_us = match version {
+        "tern-spool-2" => match parts.next().ok_or_else(invalid)? {
+            "-" => None,
+            us => Some(us.parse().map_err(|_| invalid())?),
+        },
+        _ => None,
+    };
     let op = match (parts.next(), parts.next()) {
         (Some("put"), Some(tag)) => Op::Put(ObjectKind::from_tag(tag).ok_or_else(invalid)?),
         (Some("delete"), Some(n)) => Op::Delete {
@@ -396,6 +451,7 @@ fn read_header(path: &Path, seq: u64) -> io::Result<Entry> {
         path: object.to_owned(),
         size: raw.len() as u64,
         enqueued: UNIX_EPOCH + Duration::from_millis(ms),
+        captured_us,
     })
 }
 
@@ -415,6 +471,7 @@ mod tests {
             path: path.into(),
             body: Bytes::from_static(body),
             kind,
+            captured_us: (kind == ObjectKind::Segment).then_some(1_700_000_000_123_456),
         }
     }
 
@@ -485,12 +542,119 @@ mod tests {
         s.append(&del("a/0.m4s")).unwrap();
         let first = s.next_ready().unwrap();
         assert_eq!(first.path, "a/index.m3u8");
-        assert!(s.next_ready().is_none(), "one at a time");
+        assert!(
+            s.next_ready().is_none(),
+            "the delete waits for the playlist in flight"
+        );
         s.append(&pl("a/index.m3u8", b"p2")).unwrap();
+        assert!(
+            s.next_ready().is_none(),
+            "one write per object at a time: p2 waits for p1"
+        );
         s.complete(first.seq);
         // The delete waits while a playlist of its folder at or after the one it followed is
         // queued: conservative, never wrong.
         assert_eq!(drain(&s), ["a/index.m3u8=p2", "-a/0.m4s"]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Takes every entry that may go out now, completing none.
+    fn take_ready(s: &Spool) -> Vec<Entry> {
+        std::iter::from_fn(|| s.next_ready()).collect()
+    }
+
+    fn paths(entries: &[Entry]) -> Vec<&str> {
+        entries.iter().map(|e| e.path.as_str()).collect()
+    }
+
+    #[test]
+    fn independent_entries_go_out_together_and_dependent_ones_wait() {
+        let d = dir("parallel");
+        let s = Spool::open(&d, 1 << 20).unwrap();
+        s.append(&put("64k/init.mp4", ObjectKind::InitSegment, b"i"))
+            .unwrap();
+        s.append(&put("master.m3u8", ObjectKind::MasterPlaylist, b"m"))
+            .unwrap();
+        s.append(&seg("64k/1.m4s")).unwrap();
+        s.append(&pl("64k/index.m3u8", b"a1")).unwrap();
+        s.append(&seg("128k/1.m4s")).unwrap();
+        s.append(&pl("128k/index.m3u8", b"b1")).unwrap();
+        s.append(&del("64k/0.m4s")).unwrap();
+        s.append(&seg("64k/2.m4s")).unwrap();
+        // Everything but the playlists naming pending segments and the delete waiting for them.
+        let taken = take_ready(&s);
+        assert_eq!(
+            paths(&taken),
+            [
+                "64k/init.mp4",
+                "master.m3u8",
+                "64k/1.m4s",
+                "128k/1.m4s",
+                "64k/2.m4s"
+            ]
+        );
+        assert_eq!(s.in_flight(), 5);
+        // The 128k segment is stored: its playlist may go; the 64k one still waits.
+        s.complete(taken[3].seq);
+        let b1 = take_ready(&s);
+        assert_eq!(paths(&b1), ["128k/index.m3u8"]);
+        s.complete(b1[0].seq);
+        s.complete(taken[1].seq);
+        s.complete(taken[0].seq);
+        s.complete(taken[2].seq);
+        // The first 64k playlist names 1.m4s only: it goes although 2.m4s is in flight.
+        let a1 = s.next_ready().unwrap();
+        assert_eq!(a1.path, "64k/index.m3u8");
+        // A newer playlist for the same path waits for the one in flight and for 2.m4s; the
+        // delete waits for the playlists (the one queued before it, and anything newer).
+        s.append(&pl("64k/index.m3u8", b"a2")).unwrap();
+        assert!(s.next_ready().is_none());
+        s.complete(a1.seq);
+        assert!(s.next_ready().is_none(), "2.m4s is still in flight");
+        s.complete(taken[4].seq);
+        let a2 = s.next_ready().unwrap();
+        assert_eq!(
+            String::from_utf8(s.body(&a2).unwrap().to_vec()).unwrap(),
+            "a2"
+        );
+        assert!(s.next_ready().is_none());
+        s.complete(a2.seq);
+        let delete = take_ready(&s);
+        assert_eq!(paths(&delete), ["64k/0.m4s"]);
+        // A released entry (shutdown) is handed out again.
+        s.release(delete[0].seq);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(drain(&s), ["-64k/0.m4s"]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn capture_times_survive_a_restart_and_old_headers_still_load() {
+        let d = dir("headers");
+        {
+            let s = Spool::open(&d, 1 << 20).unwrap();
+            s.append(&seg("a/1.m4s")).unwrap();
+            s.append(&pl("a/index.m3u8", b"p")).unwrap();
+        }
+        // An entry written by a version-1 spool (before capture times).
+        fs::write(
+            d.join(format!("{:020}.{SUFFIX}", 7)),
+            b"tern-spool-1 1700000000000 put segment a/2.m4s\nbody",
+        )
+        .unwrap();
+        let s = Spool::open(&d, 1 << 20).unwrap();
+        let all = take_ready(&s);
+        assert_eq!(paths(&all), ["a/1.m4s", "a/2.m4s"]);
+        assert_eq!(all[0].captured_us, Some(1_700_000_000_123_456));
+        assert_eq!(all[1].captured_us, None);
+        assert_eq!(
+            String::from_utf8(s.body(&all[1]).unwrap().to_vec()).unwrap(),
+            "body"
+        );
+        for e in &all {
+            s.complete(e.seq);
+        }
+        assert_eq!(drain(&s), ["a/index.m3u8=p"]);
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -526,8 +690,8 @@ mod tests {
     #[test]
     fn full_spool_evicts_expired_segments_first_then_refuses() {
         let d = dir("full");
-        // Entries are ~57 (segment), ~51 (playlist) and ~44 (delete) bytes: room for 4 of them.
-        let s = Spool::open(&d, 240).unwrap();
+        // Entries are 74 (segment), 53 (playlist) and 46 (delete) bytes: room for 4 of them.
+        let s = Spool::open(&d, 300).unwrap();
         s.append(&seg("a/0.m4s")).unwrap();
         s.append(&seg("a/1.m4s")).unwrap();
         s.append(&pl("a/index.m3u8", b"p")).unwrap();

@@ -762,3 +762,281 @@ fn spool_left_by_a_crash_is_uploaded_by_the_next_run() {
     assert!(keys.contains("crash/demo/master.m3u8"));
     p.stop(&rt);
 }
+
+/// What the ordering proxy saw: objects S3 has acknowledged, and every broken ordering rule.
+#[derive(Default)]
+struct OrderLog {
+    /// Keys whose PUT S3 has answered (200, or 412 for an immutable object), minus deletes.
+    stored: BTreeSet<String>,
+    /// Per folder, the segments named by the newest playlist S3 has acknowledged.
+    named: std::collections::HashMap<String, BTreeSet<String>>,
+    /// PUTs sent to S3 and not yet answered, per key.
+    pending_puts: std::collections::HashMap<String, usize>,
+    /// Requests sent and not yet answered, and the most seen at once.
+    in_flight: usize,
+    max_in_flight: usize,
+    playlists_checked: usize,
+    deletes_checked: usize,
+    violations: Vec<String>,
+}
+
+/// One request as the proxy parsed it.
+struct Request {
+    method: String,
+    key: String,
+}
+
+fn folder_of(key: &str) -> &str {
+    key.rsplit_once('/').map_or("", |(f, _)| f)
+}
+
+impl OrderLog {
+    /// Checks a request as it leaves for S3 against what S3 has acknowledged so far.
+    fn sending(&mut self, req: &Request, body: &[u8]) {
+        let folder = folder_of(&req.key).to_owned();
+        if req.method == "PUT" && req.key.ends_with("/index.m3u8") {
+            self.playlists_checked += 1;
+            if self.pending_puts.get(&req.key).copied().unwrap_or(0) > 0 {
+                self.violations
+                    .push(format!("{} sent while an older one is unanswered", req.key));
+            }
+            let named: BTreeSet<String> = media_playlist(body)
+                .segments
+                .iter()
+                .map(|s| format!("{folder}/{}", s.uri))
+                .chain(std::iter::once(format!("{folder}/init.mp4")))
+                .collect();
+            for key in &named {
+                if !self.stored.contains(key) {
+                    self.violations
+                        .push(format!("{} names {key} before S3 stored it", req.key));
+                }
+            }
+        }
+        if req.method == "DELETE" {
+            self.deletes_checked += 1;
+            match self.named.get(&folder) {
+                Some(named) if !named.contains(&req.key) => {}
+                _ => self.violations.push(format!(
+                    "{} deleted before a stored playlist dropped it",
+                    req.key
+                )),
+            }
+        }
+        if req.method == "PUT" {
+            *self.pending_puts.entry(req.key.clone()).or_default() += 1;
+        }
+        self.in_flight += 1;
+        self.max_in_flight = self.max_in_flight.max(self.in_flight);
+    }
+
+    /// S3 answered `req` with `status`; `body` is what was sent.
+    fn answered(&mut self, req: &Request, body: &[u8], status: u16) {
+        self.in_flight -= 1;
+        if req.method == "PUT" {
+            if let Some(n) = self.pending_puts.get_mut(&req.key) {
+                *n -= 1;
+            }
+            if status == 200 || (status == 412 && !req.key.ends_with(".m3u8")) {
+                self.stored.insert(req.key.clone());
+                if req.key.ends_with("/index.m3u8") {
+                    let folder = folder_of(&req.key).to_owned();
+                    let named = media_playlist(body)
+                        .segments
+                        .iter()
+                        .map(|s| format!("{folder}/{}", s.uri))
+                        .collect();
+                    self.named.insert(folder, named);
+                }
+            }
+        }
+        if req.method == "DELETE" && status / 100 == 2 {
+            self.stored.remove(&req.key);
+        }
+    }
+}
+
+/// A TCP proxy in front of moto that parses each HTTP/1.1 request, holds every PUT back for a
+/// pseudo-random 0–150 ms (so a playlist or delete sent too early would reach S3 first),
+/// and checks every request against the responses S3 has already sent: a playlist names only
+/// acknowledged objects, one write per playlist at a time, a delete only after an acknowledged
+/// playlist dropped the segment.
+fn start_order_proxy(
+    rt: &tokio::runtime::Runtime,
+    upstream: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::Mutex<OrderLog>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = Arc::new(std::sync::Mutex::new(OrderLog::default()));
+    let shared = log.clone();
+    rt.spawn(async move {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(outbound) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let log = shared.clone();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let mut rng = seed;
+            tokio::spawn(async move {
+                let (client_read, mut client_write) = inbound.into_split();
+                let (mut server_read, mut server_write) = outbound.into_split();
+                // The request S3 is answering now (HTTP/1.1: one at a time per connection).
+                let current = Arc::new(std::sync::Mutex::new(None::<(Request, Vec<u8>)>));
+                let answers = {
+                    let current = current.clone();
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let Ok(n) = server_read.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            let chunk = &buf[..n];
+                            // The first bytes of an answer carry its status line (skip a
+                            // `100 Continue` interim answer).
+                            let mut head = chunk;
+                            if head.starts_with(b"HTTP/1.1 100") {
+                                head = head
+                                    .windows(4)
+                                    .position(|w| w == b"\r\n\r\n")
+                                    .map_or(&[][..], |i| &head[i + 4..]);
+                            }
+                            if head.starts_with(b"HTTP/") {
+                                let status = std::str::from_utf8(&head[..head.len().min(12)])
+                                    .ok()
+                                    .and_then(|l| l.get(9..12))
+                                    .and_then(|c| c.parse().ok())
+                                    .unwrap_or(0);
+                                if let Some((req, body)) = current.lock().unwrap().take() {
+                                    log.lock().unwrap().answered(&req, &body, status);
+                                }
+                            }
+                            if client_write.write_all(chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                };
+                let mut reader = BufReader::new(client_read);
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let before = head.len();
+                        match reader.read_until(b'\n', &mut head).await {
+                            Ok(0) | Err(_) => {
+                                answers.abort();
+                                return;
+                            }
+                            Ok(_) => {}
+                        }
+                        if &head[before..] == b"\r\n" {
+                            break;
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let mut words = text.split_whitespace();
+                    let method = words.next().unwrap_or_default().to_owned();
+                    let target = words.next().unwrap_or_default();
+                    let key = target
+                        .split('?')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches(&format!("/{BUCKET}/"))
+                        .to_owned();
+                    let length: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; length];
+                    if reader.read_exact(&mut body).await.is_err() {
+                        answers.abort();
+                        return;
+                    }
+                    if method == "PUT" {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        tokio::time::sleep(Duration::from_millis(rng % 150)).await;
+                    }
+                    let req = Request { method, key };
+                    log.lock().unwrap().sending(&req, &body);
+                    *current.lock().unwrap() = Some((req, body.clone()));
+                    if server_write.write_all(&head).await.is_err()
+                        || server_write.write_all(&body).await.is_err()
+                    {
+                        answers.abort();
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// Uploads several at a time (both renditions, PUTs held back at random by the proxy) and
+/// still: every playlist S3 receives names only objects S3 has acknowledged, writes of one
+/// playlist never overlap, and deletes follow an acknowledged playlist that dropped the
+/// segment. Fails if the spool let a playlist or a delete out too early.
+#[test]
+fn concurrent_uploads_keep_the_ordering_guarantees() {
+    credentials();
+    let moto = Moto::start();
+    let rt = runtime();
+    let direct = rt.block_on(tern_packager::s3::client(&settings(moto.url(), "")));
+    rt.block_on(create_bucket(&direct));
+    let (proxy, log) = start_order_proxy(&rt, moto.addr);
+    let s = S3Settings {
+        upload_concurrency: 4,
+        ..settings(format!("http://{proxy}"), "par")
+    };
+    let client = rt.block_on(tern_packager::s3::client(&s));
+    let mut p = Pipeline::start(&rt, client, s, PackagerConfig::default(), temp("par"));
+    // 40 s of broadcast at about 20× real time: segments and playlists pile up faster than the
+    // proxy lets them through.
+    for k in 0..2000u64 {
+        p.push(frame(k * 960));
+        if k % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    p.finish();
+    p.wait_uploaded(Duration::from_secs(60));
+    let produced = p.segments_produced();
+    p.stop(&rt);
+    let log = log.lock().unwrap();
+    assert!(log.violations.is_empty(), "{:#?}", log.violations);
+    assert!(
+        log.max_in_flight >= 2,
+        "uploads ran one at a time ({}): the test proves nothing",
+        log.max_in_flight
+    );
+    assert!(log.playlists_checked >= 10, "{}", log.playlists_checked);
+    assert!(log.deletes_checked >= 10, "{}", log.deletes_checked);
+    // What S3 holds at the end agrees: the final playlists name only stored segments.
+    let keys = rt.block_on(list(&direct, "par/demo/"));
+    for r in ["64k", "128k"] {
+        let (status, body) = http_get(moto.addr, &format!("/{BUCKET}/par/demo/{r}/index.m3u8"));
+        assert_eq!(status, 200);
+        for seg in media_playlist(&body).segments {
+            assert!(keys.contains(&format!("par/demo/{r}/{}", seg.uri)));
+        }
+    }
+    assert!(produced.len() >= 36, "{}", produced.len());
+    eprintln!(
+        "{} playlists and {} deletes checked, up to {} requests in flight",
+        log.playlists_checked, log.deletes_checked, log.max_in_flight
+    );
+}

@@ -328,6 +328,9 @@ pub struct S3Section {
     pub spool_max_bytes: u64,
     /// Longest wait for one S3 request before it is retried, in seconds.
     pub request_timeout_seconds: f64,
+    /// S3 requests in flight at once per broadcast (segments of different renditions go in
+    /// parallel; ordering guarantees hold at any value).
+    pub upload_concurrency: usize,
 }
 
 impl Default for S3Section {
@@ -344,6 +347,7 @@ impl Default for S3Section {
             spool_dir: PathBuf::from("/var/lib/tern/spool"),
             spool_max_bytes: 1 << 30,
             request_timeout_seconds: 10.0,
+            upload_concurrency: 4,
         }
     }
 }
@@ -361,6 +365,7 @@ impl S3Section {
             playlist_cache_control: self.cache_control_playlists.clone(),
             master_cache_control: self.cache_control_master.clone(),
             attempt_timeout: Duration::from_secs_f64(self.request_timeout_seconds),
+            upload_concurrency: self.upload_concurrency,
             ..tern_packager::s3::S3Settings::default()
         }
     }
@@ -648,6 +653,9 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
                 "must be at least 1 MiB".into(),
             ));
         }
+        if !(1..=64).contains(&s3.upload_concurrency) {
+            return Err(("packager.s3.upload_concurrency", "must be 1 to 64".into()));
+        }
     }
     if c.relay.auth.mode == AuthMode::Jwt
         && c.relay.auth.hs256_secret.is_none() == c.relay.auth.public_key.is_none()
@@ -894,6 +902,17 @@ mod tests {
             assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
             assert_eq!(s3.cache_control_segments, "max-age=31536000, immutable");
             assert_eq!(s3.cache_control_playlists, "max-age=1");
+            assert_eq!(s3.upload_concurrency, 4);
+            assert_eq!(s3.settings().upload_concurrency, 4);
+            jail.create_file(
+                "u.toml",
+                "[packager.s3]\nbucket = \"hls\"\nupload_concurrency = 0\n",
+            )?;
+            let e = load(Some(Path::new("u.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("upload_concurrency"), "{e}");
+            jail.set_env("TERN_PACKAGER__S3__UPLOAD_CONCURRENCY", "8");
+            let c = load(Some(Path::new("s.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.packager.s3.unwrap().settings().upload_concurrency, 8);
             // Environment alone creates the section too.
             jail.set_env("TERN_PACKAGER__S3__BUCKET", "b2");
             let c = load(None, &Overrides::default()).unwrap();
