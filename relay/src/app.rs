@@ -261,7 +261,25 @@ struct Parts {
 }
 
 async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+    // Latencies that alerts and dashboards take quantiles of across instances are exported
+    // as histograms (buckets aggregate; a summary's quantiles do not). The other histograms
+    // stay summaries.
+    let latency_buckets = [
+        0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0,
+    ];
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    for name in [
+        "tern_relay_upstream_latency_seconds",
+        "tern_packager_segment_upload_latency_seconds",
+    ] {
+        builder = builder
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(name.into()),
+                &latency_buckets,
+            )
+            .context("metric buckets")?;
+    }
+    let metrics = builder
         .install_recorder()
         .context("installing the metrics recorder")?;
     let (shutdown, shutdown_rx) = watch::channel(false);

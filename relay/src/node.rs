@@ -175,6 +175,7 @@ impl Relay {
             handles.push(tokio::spawn(shard.run(shutdown.clone())));
         }
         info!(%announce, shards = threads, "WebRTC fan-out listening");
+        publish_links_down(LINKS_DOWN.load(std::sync::atomic::Ordering::Relaxed));
         let task = tokio::spawn(async move {
             for h in handles {
                 if let Err(e) = h.await {
@@ -501,6 +502,7 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
         }
         ctx.state.send_replace(UpstreamState::Reconnecting);
         metrics::counter!("tern_relay_upstream_reconnects_total").increment(1);
+        let _down = LinkDown::start();
         // Capped at 1 s so audio resumes within about a second of the link returning; the
         // jitter spreads the reconnects of many relays after an origin restart.
         let mut delay = Duration::from_millis(100);
@@ -521,6 +523,33 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
         info!(%broadcast, "upstream subscription restored");
         ctx.state.send_replace(UpstreamState::Live);
     }
+}
+
+/// Broadcasts of this process whose upstream subscription is lost right now.
+static LINKS_DOWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Held while a broadcast's upstream is lost: exported as `tern_relay_upstream_up` (1 while
+/// no broadcast's upstream is lost) and `tern_relay_upstream_reconnecting` (how many are).
+struct LinkDown;
+
+impl LinkDown {
+    fn start() -> Self {
+        let n = LINKS_DOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        publish_links_down(n);
+        Self
+    }
+}
+
+impl Drop for LinkDown {
+    fn drop(&mut self) {
+        let n = LINKS_DOWN.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
+        publish_links_down(n);
+    }
+}
+
+fn publish_links_down(n: usize) {
+    metrics::gauge!("tern_relay_upstream_reconnecting").set(n as f64);
+    metrics::gauge!("tern_relay_upstream_up").set(if n == 0 { 1.0 } else { 0.0 });
 }
 
 /// Most fan-out shards a relay runs (session tokens carry the shard in two hex digits).

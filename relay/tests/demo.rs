@@ -213,5 +213,7 @@ fn bad_whep_requests_get_clear_errors_and_the_node_keeps_serving() {
         metrics.contains("tern_relay_sessions_failed_total"),
         "failed sessions are counted: {metrics}"
     );
+    // What the upstream alert rule reads (ops/prometheus): nothing is down.
+    assert!(metrics.contains("tern_relay_upstream_up 1"), "{metrics}");
     demo.stop();
 }

@@ -106,7 +106,15 @@ fn listeners_survive_a_ten_second_link_cut() {
     listener.wait_frames(50, Duration::from_secs(10));
 
     proxy.set_cut(true);
-    std::thread::sleep(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(8));
+    // The relay has noticed (idle timeout 5 s) and says so where the alerts look.
+    let metrics = common::text(relay.get("/metrics").1);
+    assert!(metrics.contains("tern_relay_upstream_up 0"), "{metrics}");
+    assert!(
+        metrics.contains("tern_relay_upstream_reconnecting 1"),
+        "{metrics}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
     let before = listener.count();
     proxy.set_cut(false);
     let took = resumed_after(&listener, before, Instant::now(), Duration::from_secs(6));
@@ -117,6 +125,13 @@ fn listeners_survive_a_ten_second_link_cut() {
     );
     listener.wait_frames(before + 50, Duration::from_secs(5));
     assert_monotonic(&listener);
+    let metrics = common::text(relay.get("/metrics").1);
+    assert!(metrics.contains("tern_relay_upstream_up 1"), "{metrics}");
+    // Latency as histogram buckets, which the alert rules and dashboards aggregate.
+    assert!(
+        metrics.contains("tern_relay_upstream_latency_seconds_bucket{le=\"0.3\"}"),
+        "{metrics}"
+    );
 
     drop(listener);
     relay.stop();
