@@ -51,6 +51,8 @@ enum Command {
     Frame {
         broadcast: BroadcastId,
         frame: Frame,
+        /// When it arrived from upstream, for the time the relay adds.
+        arrived: Instant,
     },
     /// A datagram another shard read but does not know the sender of.
     Datagram {
@@ -480,10 +482,12 @@ async fn pump(ctx: PumpContext, mut sub: tern_origin_link::Subscription) {
                         // Never blocks: a lagging downstream subscriber skips ahead.
                         let _ = ctx.downstream.send(frame.clone());
                     }
+                    let arrived = Instant::now();
                     for shard in ctx.shards.iter() {
                         let cmd = Command::Frame {
                             broadcast: broadcast.clone(),
                             frame: frame.clone(),
+                            arrived,
                         };
                         if shard.send(cmd).await.is_err() {
                             return;
@@ -640,6 +644,7 @@ impl Shard {
         let mut last_stats = self.fanout.stats();
         let mut last_count = usize::MAX;
         let mut last_refresh = Instant::now();
+        let mut frame_arrived = None;
         loop {
             let deadline = self.fanout.poll_timeout();
             let sleep = async {
@@ -655,13 +660,28 @@ impl Shard {
                     Err(e) => debug!("WebRTC socket receive: {e}"),
                 },
                 cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => self.handle_command(&mut sessions, cmd),
+                    Some(cmd) => {
+                        let arrived = self.handle_command(&mut sessions, cmd);
+                        // While a frame is still going out, the older arrival stands.
+                        frame_arrived = frame_arrived.or(arrived);
+                    }
                     None => break,
                 },
                 () = sleep => self.fanout.handle_timeout(Instant::now()),
                 () = crate::stopped(&mut shutdown) => break,
             }
             flush(&self.socket, &mut self.fanout, &mut out).await;
+            // A written frame's packets leave on str0m's next timeout pass, due at once: the
+            // frame is out once no listener is due any more. From its arrival from upstream to
+            // then is the time the relay adds (queueing to this shard included).
+            if let Some(t) = frame_arrived {
+                let now = Instant::now();
+                if self.fanout.poll_timeout().is_none_or(|due| due > now) {
+                    metrics::histogram!("tern_relay_frame_fanout_seconds")
+                        .record(now.duration_since(t));
+                    frame_arrived = None;
+                }
+            }
             self.handle_events(&mut sessions);
             // Counters and the health snapshot are refreshed when listeners come or go,
             // and otherwise a few times a second: not for every packet.
@@ -707,7 +727,12 @@ impl Shard {
         }
     }
 
-    fn handle_command(&mut self, sessions: &mut HashMap<String, ListenerId>, cmd: Command) {
+    /// Carries out `cmd`; for a frame, returns when it arrived from upstream.
+    fn handle_command(
+        &mut self,
+        sessions: &mut HashMap<String, ListenerId>,
+        cmd: Command,
+    ) -> Option<Instant> {
         let now = Instant::now();
         let fanout = &mut self.fanout;
         match cmd {
@@ -749,7 +774,14 @@ impl Shard {
                 let removed = found.is_some_and(|id| fanout.remove_listener(id));
                 let _ = reply.send(removed);
             }
-            Command::Frame { broadcast, frame } => fanout.handle_frame(&broadcast, &frame, now),
+            Command::Frame {
+                broadcast,
+                frame,
+                arrived,
+            } => {
+                fanout.handle_frame(&broadcast, &frame, now);
+                return Some(arrived);
+            }
             Command::Datagram { source, data, hops } => self.receive(source, &data, hops),
             Command::Exists {
                 broadcast,
@@ -762,6 +794,7 @@ impl Shard {
                 let _ = reply.send(found);
             }
         }
+        None
     }
 
     fn handle_events(&mut self, sessions: &mut HashMap<String, ListenerId>) {
