@@ -81,6 +81,18 @@ for f in "$work"/rendered/*/*.toml; do
   n=$((n + 1))
 done
 echo "ops: $n rendered files valid"
+# A region with a hub: the hub serves the link, its edge pulls from it, and both configs
+# pass check-config.
+(cd ansible && ansible-playbook -i ../tests/ops/hub-inventory.yml render-configs.yml \
+  -e tern_render_dir="$work/hub" >"$work/render-hub.log") || { cat "$work/render-hub.log"; exit 1; }
+for f in "$work"/hub/relay-*/relay.toml; do "$tern" check-config --config "$f" >/dev/null; done
+grep -q '^\[relay.link\]' "$work/hub/relay-hub/relay.toml"
+grep -q '^listen = "0.0.0.0:4444"' "$work/hub/relay-hub/relay.toml"
+! grep -q 'relay.link' "$work/hub/relay-edge/relay.toml"
+grep -q '^addr = "10.1.0.21:4444"' "$work/hub/relay-edge/relay.toml"
+grep -q '^server_name = "relay-hub"' "$work/hub/relay-edge/relay.toml"
+grep -q '^addr = "10.1.0.10:4443"' "$work/hub/relay-hub/relay.toml"
+echo "ops: hub and edge configs rendered and valid"
 (cd ansible && ansible-playbook --syntax-check site.yml rolling-upgrade.yml >/dev/null)
 took "$t"
 
