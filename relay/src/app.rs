@@ -612,18 +612,38 @@ fn client_identity(cfg: &Config) -> Result<Option<Identity>> {
 
 fn listener_auth(cfg: &config::AuthConfig) -> Result<tern_relay::auth::Auth> {
     use tern_relay::auth::{Auth, Verifier};
-    Ok(match cfg.mode {
-        config::AuthMode::Open => Auth::Open,
-        config::AuthMode::Jwt => match (&cfg.hs256_secret, &cfg.public_key) {
-            (Some(secret), _) => Auth::Jwt(Box::new(Verifier::hs256(secret.as_bytes()))),
+    fn verifier(
+        secret: &Option<String>,
+        public_key: &Option<PathBuf>,
+        key: &str,
+    ) -> Result<Option<Verifier>> {
+        Ok(match (secret, public_key) {
+            (Some(secret), _) => Some(Verifier::hs256(secret.as_bytes())),
             (None, Some(path)) => {
                 let pem = std::fs::read(path)
-                    .with_context(|| format!("reading relay.auth.public_key {}", path.display()))?;
-                Auth::Jwt(Box::new(Verifier::from_public_pem(&pem)?))
+                    .with_context(|| format!("reading relay.auth.{key} {}", path.display()))?;
+                Some(Verifier::from_public_pem(&pem)?)
             }
+            (None, None) => None,
+        })
+    }
+    Ok(match cfg.mode {
+        config::AuthMode::Open => Auth::Open,
+        config::AuthMode::Jwt => {
             // config::load validated that one of the two is set.
-            (None, None) => bail!("relay.auth.mode = \"jwt\" needs a secret or a public key"),
-        },
+            let Some(current) = verifier(&cfg.hs256_secret, &cfg.public_key, "public_key")? else {
+                bail!("relay.auth.mode = \"jwt\" needs a secret or a public key");
+            };
+            let previous = verifier(
+                &cfg.previous_hs256_secret,
+                &cfg.previous_public_key,
+                "previous_public_key",
+            )?;
+            Auth::Jwt(Box::new(match previous {
+                Some(p) => current.with_previous(p),
+                None => current,
+            }))
+        }
     })
 }
 

@@ -4,6 +4,9 @@
 //! shared secret, or ES256 / EdDSA with the issuer's public key in PEM. Pure: no I/O beyond
 //! reading the key at construction; the clock is the system clock via the JWT library's `exp`
 //! check, with no leeway beyond 30 s for skew.
+//!
+//! A verifier may hold the previous key beside the current one, so an issuer can switch keys
+//! while tokens signed with the old one are still in use (see docs/operations.md).
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -19,10 +22,10 @@ pub enum Auth {
     Jwt(Box<Verifier>),
 }
 
-/// Checks bearer tokens.
+/// Checks bearer tokens against the current key and, during a rotation, the previous one.
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    /// The current key first.
+    keys: Vec<(DecodingKey, Validation)>,
 }
 
 #[derive(Deserialize)]
@@ -75,14 +78,39 @@ impl Verifier {
         validation.leeway = 30;
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_aud = false;
-        Self { key, validation }
+        Self {
+            keys: vec![(key, validation)],
+        }
     }
 
-    /// Checks `token` for `broadcast`.
+    /// Also accepts tokens that `previous` accepts (a key being rotated out).
+    pub fn with_previous(mut self, previous: Self) -> Self {
+        self.keys.extend(previous.keys);
+        self
+    }
+
+    /// Checks `token` for `broadcast`. When no key verifies it, the reason given is the
+    /// current key's.
     pub fn check(&self, token: &str, broadcast: &BroadcastId) -> Result<(), Denied> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| Denied::Invalid(e.to_string()))?;
-        let b = data.claims.broadcast;
+        let mut first_error = None;
+        let mut claims = None;
+        for (key, validation) in &self.keys {
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    claims = Some(data.claims);
+                    break;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some(claims) = claims else {
+            return Err(Denied::Invalid(
+                first_error.map_or_else(|| "no key".into(), |e| e.to_string()),
+            ));
+        };
+        let b = claims.broadcast;
         if b == "*" || b == broadcast.as_str() {
             Ok(())
         } else {
@@ -169,6 +197,33 @@ mod tests {
             auth.check(Some("Bearer not.a.jwt"), &demo),
             Err(Denied::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_previous_key_is_accepted_until_it_is_dropped() {
+        let demo: BroadcastId = "demo".parse().unwrap();
+        let old = token(b"old-secret", "demo", now() + 600);
+        let new = token(b"new-secret", "demo", now() + 600);
+        let rotating = Verifier::hs256(b"new-secret").with_previous(Verifier::hs256(b"old-secret"));
+        assert_eq!(rotating.check(&old, &demo), Ok(()));
+        assert_eq!(rotating.check(&new, &demo), Ok(()));
+        // An old-key token still has to be for this broadcast and unexpired.
+        let old_other = token(b"old-secret", "other", now() + 600);
+        assert_eq!(
+            rotating.check(&old_other, &demo),
+            Err(Denied::WrongBroadcast)
+        );
+        let old_expired = token(b"old-secret", "demo", now() - 120);
+        assert!(matches!(
+            rotating.check(&old_expired, &demo),
+            Err(Denied::Invalid(_))
+        ));
+        let rotated = Verifier::hs256(b"new-secret");
+        assert!(matches!(
+            rotated.check(&old, &demo),
+            Err(Denied::Invalid(_))
+        ));
+        assert_eq!(rotated.check(&new, &demo), Ok(()));
     }
 
     #[test]

@@ -259,6 +259,10 @@ pub struct AuthConfig {
     pub hs256_secret: Option<String>,
     /// PEM public key for ES256 or EdDSA tokens (jwt mode).
     pub public_key: Option<PathBuf>,
+    /// During a key rotation: the previous HS256 secret, still accepted beside the current key.
+    pub previous_hs256_secret: Option<String>,
+    /// During a key rotation: the previous PEM public key, still accepted.
+    pub previous_public_key: Option<PathBuf>,
 }
 
 /// One rung of the AAC ladder.
@@ -665,15 +669,21 @@ fn validate(c: &Config) -> Result<(), (&'static str, String)> {
             "\"jwt\" needs exactly one of relay.auth.hs256_secret or relay.auth.public_key".into(),
         ));
     }
-    if c.relay
-        .auth
-        .hs256_secret
-        .as_ref()
-        .is_some_and(|s| s.len() < 16)
-    {
+    for (key, secret) in [
+        ("relay.auth.hs256_secret", &c.relay.auth.hs256_secret),
+        (
+            "relay.auth.previous_hs256_secret",
+            &c.relay.auth.previous_hs256_secret,
+        ),
+    ] {
+        if secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err((key, "must be at least 16 characters".into()));
+        }
+    }
+    if c.relay.auth.previous_hs256_secret.is_some() && c.relay.auth.previous_public_key.is_some() {
         return Err((
-            "relay.auth.hs256_secret",
-            "must be at least 16 characters".into(),
+            "relay.auth.previous_hs256_secret",
+            "give at most one previous key (this or relay.auth.previous_public_key)".into(),
         ));
     }
     if c.relay.max_listeners == 0 {

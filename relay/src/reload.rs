@@ -24,6 +24,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "relay.auth.mode",
     "relay.auth.hs256_secret",
     "relay.auth.public_key",
+    "relay.auth.previous_hs256_secret",
+    "relay.auth.previous_public_key",
     "relay.sessions_per_minute",
     "relay.session_burst",
 ];

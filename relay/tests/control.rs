@@ -183,21 +183,25 @@ fn sighup_rotates_token_keys_without_a_restart() {
     let dir = std::env::temp_dir().join(format!("tern-rotate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("tern.toml");
-    let write = |secret: &str| {
+    let write = |secret: &str, previous: Option<&str>| {
+        let previous = previous
+            .map(|p| format!("previous_hs256_secret = \"{p}\"\n"))
+            .unwrap_or_default();
         std::fs::write(
             &conf,
-            format!("[relay.auth]\nmode = \"jwt\"\nhs256_secret = \"{secret}\"\n"),
+            format!("[relay.auth]\nmode = \"jwt\"\nhs256_secret = \"{secret}\"\n{previous}"),
         )
         .unwrap();
     };
-    write(SECRET);
+    write(SECRET, None);
     let demo = Tern::start_with_args("demo", &["--config", conf.to_str().unwrap()], &[]);
     let old = token("demo", 600);
     let first = Listener::start(demo.addr, "demo", Some(&old)).expect("old key admitted");
     first.wait_frames(10, Duration::from_secs(10));
 
+    // Rotation: the new key and, for a while, the old one beside it.
     let new_secret = "a-rotated-secret-also-long-enough";
-    write(new_secret);
+    write(new_secret, Some(SECRET));
     demo.signal("HUP");
     let new = encode(
         &Header::default(),
@@ -217,6 +221,20 @@ fn sighup_rotates_token_keys_without_a_restart() {
             }
             Err(e) => panic!("new key refused: {e:?}"),
         }
+    }
+    let overlap = Listener::start(demo.addr, "demo", Some(&old)).expect("old key still admitted");
+    overlap.wait_frames(10, Duration::from_secs(10));
+    drop(overlap);
+    // The old key is dropped.
+    write(new_secret, None);
+    demo.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Listener::start(demo.addr, "demo", Some(&old)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "old key still admitted after it was dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
         matches!(
