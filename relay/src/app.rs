@@ -330,93 +330,17 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
         None => Vec::new(),
     };
 
-    let mut relay = None;
-    if run_relay {
-        let upstream = Upstream::with_identity(
-            cfg.upstream.addr,
-            &cfg.upstream.server_name,
-            &roots,
-            client_identity(&cfg)?,
-        )?;
-        let (r, task) = node::Relay::start(
-            cfg.relay.webrtc_listen,
-            cfg.relay.announce,
-            cfg.relay.max_listeners,
-            cfg.relay.fanout_threads,
-            upstream,
-            Duration::from_secs(cfg.relay.unsubscribe_grace_seconds),
-            shutdown_rx.clone(),
-        )
-        .await?;
-        parts.tasks.push(("relay", task));
-        if let Some(listen) = cfg.relay.link.listen {
-            start_link_server(&cfg, listen, &r, &mut parts, shutdown_rx.clone())?;
-        }
-        relay = Some(r);
-    }
-
-    let mut hls_root = None;
-    let mut packaging_ids = Vec::new();
-    if run_packager {
-        // With S3 configured and no out_dir, `tern package` writes only to S3; the demo always
-        // keeps a local copy for its own HTTP server.
-        let out = match cfg.packager.out_dir.clone() {
-            Some(d) => Some(d),
-            None if matches!(command, Command::Demo) => {
-                let d = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
-                parts.temp_dir = Some(d.clone());
-                Some(d)
-            }
-            None if cfg.packager.s3.is_some() => None,
-            None => bail!("packager.out_dir is not set (and no [packager.s3])"),
-        };
-        if let Some(out) = &out {
-            std::fs::create_dir_all(out)
-                .with_context(|| format!("creating the HLS folder {}", out.display()))?;
-        }
-        let s3 = match &cfg.packager.s3 {
-            Some(s) => {
-                let settings = s.settings();
-                std::fs::create_dir_all(&s.spool_dir).with_context(|| {
-                    format!("creating the S3 spool folder {}", s.spool_dir.display())
-                })?;
-                info!(bucket = %settings.bucket, endpoint = ?settings.endpoint,
-                    spool = %s.spool_dir.display(), "pushing HLS to S3");
-                Some(packaging::S3Output {
-                    client: tern_packager::s3::client(&settings).await,
-                    settings,
-                    spool_dir: s.spool_dir.clone(),
-                    spool_max_bytes: s.spool_max_bytes,
-                })
-            }
-            None => None,
-        };
-        let upstream = Arc::new(Upstream::with_identity(
-            cfg.upstream.addr,
-            &cfg.upstream.server_name,
-            &roots,
-            client_identity(&cfg)?,
-        )?);
-        for b in &cfg.packager.broadcasts {
-            let id: BroadcastId = b.parse()?;
-            let task = packaging::spawn(
-                id,
-                upstream.clone(),
-                packaging::settings(&cfg.packager),
-                packaging::Output {
-                    dir: out.as_ref().map(|o| o.join(b)),
-                    s3: s3.clone(),
-                },
-                shutdown_rx.clone(),
-            );
-            parts.tasks.push(("packager", task));
-            packaging_ids.push(b.clone());
-        }
-        if let Some(out) = &out {
-            info!(dir = %out.display(), "writing HLS");
-        }
-        hls_root = out;
-    }
+    let relay = if run_relay {
+        Some(start_relay(&cfg, &roots, &mut parts, &shutdown_rx).await?)
+    } else {
+        None
+    };
+    let (hls_root, packaging_ids) = if run_packager {
+        let demo = matches!(command, Command::Demo);
+        start_packaging(&cfg, demo, &roots, &mut parts, &shutdown_rx).await?
+    } else {
+        (None, Vec::new())
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
@@ -570,6 +494,96 @@ async fn run(command: Command, mut cfg: Config, ops: Ops) -> Result<()> {
 }
 
 /// The certificate a relay or packager presents to its upstream, if configured.
+/// Starts the WebRTC fan-out (and, with `[relay.link]`, the link server for cascades).
+async fn start_relay(
+    cfg: &Config,
+    roots: &[CertificateDer<'static>],
+    parts: &mut Parts,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<node::Relay> {
+    let upstream = upstream(cfg, roots)?;
+    let (r, task) = node::Relay::start(
+        cfg.relay.webrtc_listen,
+        cfg.relay.announce,
+        cfg.relay.max_listeners,
+        cfg.relay.fanout_threads,
+        upstream,
+        Duration::from_secs(cfg.relay.unsubscribe_grace_seconds),
+        shutdown.clone(),
+    )
+    .await?;
+    parts.tasks.push(("relay", task));
+    if let Some(listen) = cfg.relay.link.listen {
+        start_link_server(cfg, listen, &r, parts, shutdown.clone())?;
+    }
+    Ok(r)
+}
+
+/// Starts one packager per configured broadcast; returns the local HLS folder (if any) and
+/// the broadcasts packaged.
+async fn start_packaging(
+    cfg: &Config,
+    demo: bool,
+    roots: &[CertificateDer<'static>],
+    parts: &mut Parts,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(Option<PathBuf>, Vec<String>)> {
+    let mut ids = Vec::new();
+    // With S3 configured and no out_dir, `tern package` writes only to S3; the demo always
+    // keeps a local copy for its own HTTP server.
+    let out = match cfg.packager.out_dir.clone() {
+        Some(d) => Some(d),
+        None if demo => {
+            let d = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
+            parts.temp_dir = Some(d.clone());
+            Some(d)
+        }
+        None if cfg.packager.s3.is_some() => None,
+        None => bail!("packager.out_dir is not set (and no [packager.s3])"),
+    };
+    if let Some(out) = &out {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("creating the HLS folder {}", out.display()))?;
+    }
+    let s3 = match &cfg.packager.s3 {
+        Some(s) => {
+            let settings = s.settings();
+            std::fs::create_dir_all(&s.spool_dir).with_context(|| {
+                format!("creating the S3 spool folder {}", s.spool_dir.display())
+            })?;
+            info!(bucket = %settings.bucket, endpoint = ?settings.endpoint,
+                spool = %s.spool_dir.display(), "pushing HLS to S3");
+            Some(packaging::S3Output {
+                client: tern_packager::s3::client(&settings).await,
+                settings,
+                spool_dir: s.spool_dir.clone(),
+                spool_max_bytes: s.spool_max_bytes,
+            })
+        }
+        None => None,
+    };
+    let upstream = Arc::new(upstream(cfg, roots)?);
+    for b in &cfg.packager.broadcasts {
+        let id: BroadcastId = b.parse()?;
+        let task = packaging::spawn(
+            id,
+            upstream.clone(),
+            packaging::settings(&cfg.packager),
+            packaging::Output {
+                dir: out.as_ref().map(|o| o.join(b)),
+                s3: s3.clone(),
+            },
+            shutdown.clone(),
+        );
+        parts.tasks.push(("packager", task));
+        ids.push(b.clone());
+    }
+    if let Some(out) = &out {
+        info!(dir = %out.display(), "writing HLS");
+    }
+    Ok((out, ids))
+}
+
 /// Serves the origin link from this relay (a cascade hop): downstream relays and packagers
 /// subscribe here, and the relay pulls each broadcast from its own upstream once.
 fn start_link_server(
@@ -600,6 +614,16 @@ fn start_link_server(
         })),
     ));
     Ok(())
+}
+
+/// The configured upstream (origin or hub), trusting `roots`.
+fn upstream(cfg: &Config, roots: &[CertificateDer<'static>]) -> Result<Upstream> {
+    Ok(Upstream::with_identity(
+        cfg.upstream.addr,
+        &cfg.upstream.server_name,
+        roots,
+        client_identity(cfg)?,
+    )?)
 }
 
 fn client_identity(cfg: &Config) -> Result<Option<Identity>> {
