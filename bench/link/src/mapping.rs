@@ -598,6 +598,7 @@ async fn subscribe(
     wire::encode(
         &Message::Subscribe {
             broadcast: "bench".parse()?,
+            via: vec![],
         },
         &mut buf,
     );
