@@ -16,6 +16,7 @@ use std::str::FromStr;
 
 pub mod ingest;
 pub mod origin;
+mod reorder;
 pub mod rtp;
 pub mod subscriber;
 #[cfg(feature = "testsrc")]
@@ -29,7 +30,7 @@ pub use wire::{Frame, Message};
 
 /// ALPN of the origin link. The version lives here: a relay and an origin that speak
 /// different versions fail the TLS handshake instead of misreading each other.
-pub const ALPN: &[u8] = b"tern-link/0";
+pub const ALPN: &[u8] = b"tern-link/1";
 
 /// Opus RTP clock rate; every media timestamp in Tern counts these.
 pub const SAMPLE_RATE: u32 = 48_000;

@@ -597,6 +597,7 @@ async fn subscribe(
     let mut buf = BytesMut::new();
     wire::encode(
         &Message::Subscribe {
+            subscription: 0,
             broadcast: "bench".parse()?,
             via: vec![],
         },
