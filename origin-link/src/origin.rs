@@ -401,7 +401,9 @@ async fn serve_stream(
             },
             _ = &mut unsubscribed => {
                 debug!(%broadcast, "subscriber unsubscribed");
+                // Each open group resets at once; dropping the tasks instead would finish them.
                 let _ = cancel.send(true);
+                while groups.join_next().await.is_some() {}
                 return Ok(());
             }
             Some(_) = groups.join_next(), if !groups.is_empty() => {}
@@ -416,6 +418,7 @@ async fn serve_stream(
             next = groups.join_next() => if next.is_none() { break },
             _ = &mut unsubscribed => {
                 let _ = cancel.send(true);
+                while groups.join_next().await.is_some() {}
                 return Ok(());
             }
         }

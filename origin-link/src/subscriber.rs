@@ -379,21 +379,29 @@ impl Subscription {
                 Pop::Wait(at) => Some(tokio::time::Instant::from_std(at)),
                 Pop::Empty => None,
             };
+            // After the end: wait a moment for groups already here, and for the ones being
+            // read, but not longer than a budget (an upstream could leave one open).
+            let mut end_timer = None;
             if let Some(ended) = self.ended {
-                if wait.is_none()
-                    && self.inbox.readers.load(Ordering::Acquire) == 0
-                    && now >= ended + END_LINGER
-                {
+                let (linger, give_up) = (ended + END_LINGER, ended + DEFAULT_BUDGET);
+                let reading = self.inbox.readers.load(Ordering::Acquire) > 0;
+                if wait.is_none() && now >= linger && (!reading || now >= give_up) {
                     return Ok(None);
                 }
+                end_timer = if now < linger {
+                    Some(linger)
+                } else if now < give_up {
+                    Some(give_up)
+                } else {
+                    None
+                };
             }
             // A far-off time for a branch that is disabled anyway.
             let never = now + Duration::from_secs(3600);
             tokio::select! {
                 () = self.inbox.arrived.notified() => {}
                 () = tokio::time::sleep_until(wait.unwrap_or(never)), if wait.is_some() => {}
-                () = tokio::time::sleep_until(self.ended.map_or(never, |e| e + END_LINGER)),
-                    if self.ended.is_some() => {}
+                () = tokio::time::sleep_until(end_timer.unwrap_or(never)), if end_timer.is_some() => {}
                 r = read_next(&mut self.recv, &mut self.buf), if self.ended.is_none() => match r? {
                     None => self.ended = Some(tokio::time::Instant::now()),
                     Some(other) => {
