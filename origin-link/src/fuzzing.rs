@@ -143,10 +143,14 @@ fn chunk_sizes(selector: u8, stream: &[u8]) -> impl Iterator<Item = usize> {
 /// consumes nothing, except that a declared length over the limit may be refused at once.
 pub fn encode_round_trip(data: &[u8]) {
     let mut input = Input(data);
-    let msg = match input.u8() % 4 {
+    let msg = match input.u8() % 5 {
         0 => Message::Subscribe {
+            subscription: input.u64(),
             broadcast: input.broadcast_id(),
             via: input.via(),
+        },
+        4 => Message::Group {
+            subscription: input.u64(),
         },
         1 => Message::SubscribeOk {
             codec: Codec::Opus,
@@ -205,9 +209,17 @@ fn promised(msg: &Message) -> Option<Message> {
     match msg {
         Message::SubscribeOk { channels, .. } if !(1..=2).contains(channels) => None,
         // An encoder sends at most the first MAX_VIA nodes of a path.
-        Message::Subscribe { broadcast, via } => Some(Message::Subscribe {
+        Message::Subscribe {
+            subscription,
+            broadcast,
+            via,
+        } => Some(Message::Subscribe {
+            subscription: (*subscription).min(VARINT_MAX),
             broadcast: broadcast.clone(),
             via: via[..via.len().min(MAX_VIA)].to_vec(),
+        }),
+        Message::Group { subscription } => Some(Message::Group {
+            subscription: (*subscription).min(VARINT_MAX),
         }),
         Message::SubscribeError { code, reason } => {
             let mut end = reason.len().min(MAX_REASON_LEN);
@@ -302,6 +314,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         })
     };
     let subscribe = Message::Subscribe {
+        subscription: 1,
         broadcast: "demo".parse().expect("a valid id"),
         via: vec![NodeId::from_wire(0x1234_5678_9abc)],
     };
@@ -321,8 +334,9 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         buf.to_vec()
     };
     let with_chunking = |selector: u8, bytes: Vec<u8>| [vec![selector], bytes].concat();
+    // A group stream as the origin writes it (the control stream carries `ok`).
     let exchange = enc(&[
-        ok.clone(),
+        Message::Group { subscription: 1 },
         frame(0, 160),
         frame(1, 160),
         frame(2, 160),

@@ -5,8 +5,9 @@
 //!   (by the built-in [`testsrc`] today, by RTP ingest later) and served to subscribers.
 //! - [`ingest`]: RTP ingest endpoints (UDP sockets) feeding the registry.
 //! - [`rtp`]: RTP/Opus ingest as an SFU sends it (pure depacketizer and reorder buffer).
-//! - [`subscriber`]: the relay side; one QUIC connection per upstream, one bidirectional
-//!   stream per subscribed broadcast.
+//! - [`subscriber`]: the relay side; one QUIC connection per upstream, a control stream per
+//!   subscribed broadcast, its frames in groups on unidirectional streams, put back in order
+//!   by a sans-IO reorder window (`reorder.rs`).
 //! - [`tls`]: certificates and rustls configs (TLS 1.3 only, ALPN [`ALPN`]).
 //!
 //! Every frame carries its capture time at the origin, so each hop can measure latency.
@@ -24,6 +25,7 @@ pub mod fuzzing;
 pub mod ingest;
 #[cfg(feature = "net")]
 pub mod origin;
+mod reorder;
 pub mod rtp;
 #[cfg(feature = "net")]
 pub mod subscriber;
@@ -41,7 +43,7 @@ pub use wire::{Frame, Message};
 
 /// ALPN of the origin link. The version lives here: a relay and an origin that speak
 /// different versions fail the TLS handshake instead of misreading each other.
-pub const ALPN: &[u8] = b"tern-link/0";
+pub const ALPN: &[u8] = b"tern-link/1";
 
 /// Opus RTP clock rate; every media timestamp in Tern counts these.
 pub const SAMPLE_RATE: u32 = 48_000;

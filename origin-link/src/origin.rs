@@ -1,18 +1,24 @@
 //! The serving side of the link: a registry of live broadcasts and the QUIC server that
 //! serves them.
 //!
-//! A subscriber opens one bidirectional stream per broadcast and sends
-//! [`Message::Subscribe`]; the server answers [`Message::SubscribeOk`] and then writes every
-//! frame of that broadcast on the same stream, or [`Message::SubscribeError`] and finishes.
+//! A subscriber opens one bidirectional stream per broadcast (its control stream) and sends
+//! [`Message::Subscribe`]; the server answers [`Message::SubscribeOk`], or
+//! [`Message::SubscribeError`] and finishes. Frames then travel in groups of
+//! [`GROUP_FRAMES`], each on its own unidirectional stream that opens with
+//! [`Message::Group`]. Newer groups have higher stream priority, and a group whose newest
+//! frame has become older than the budget less half the smoothed RTT without having been
+//! acknowledged is reset: nothing in it could reach the subscriber in time, so neither the
+//! server nor QUIC queue it any longer. The control stream is finished when the broadcast
+//! ends, after its last group.
 //!
 //! The server asks a [`Source`] for broadcasts: at the origin that is the [`Registry`] its
 //! publishers fill; at a relay serving the link (a cascade: origin → hub → edge) it is the
 //! relay itself, which subscribes upstream on demand. Each request carries the nodes it has
 //! passed through, and a server refuses one that already went through it: a loop.
 //!
-//! Memory is bounded per subscriber: frames fan out through a broadcast channel of
-//! [`BACKLOG_FRAMES`]; a subscriber that falls further behind (its QUIC stream is flow
-//! controlled) skips the frames it missed instead of making the origin buffer them.
+//! Memory and latency are bounded per subscriber: frames fan out through a broadcast channel
+//! of [`BACKLOG_FRAMES`] (a subscriber that falls further behind skips the frames it missed),
+//! and what QUIC holds for a subscriber is at most the groups younger than the budget.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -22,21 +28,29 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::tls::{self, Identity};
-use crate::wire::{self, Codec, Frame, Message, SubscribeErrorCode};
+use crate::wire::{self, Codec, Frame, Message, SubscribeErrorCode, GROUP_FRAMES};
 use crate::{BroadcastId, Error, NodeId, MAX_HOPS};
 
 /// Frames a subscriber may lag behind before it skips ahead (64 × 20 ms = 1.28 s).
 pub const BACKLOG_FRAMES: usize = 64;
 
+/// Default capture → subscriber budget: a group is abandoned once even its newest frame could
+/// no longer arrive within it.
+pub const DEFAULT_BUDGET: Duration = Duration::from_millis(300);
+
 /// How long a new stream may take to say what it wants.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// QUIC application error code for a protocol violation by the peer.
-const CLOSE_PROTOCOL: u32 = 1;
+pub(crate) const CLOSE_PROTOCOL: u32 = 1;
+
+/// Stream error code of a group reset because it expired (or the subscription ended).
+const RESET_EXPIRED: u32 = 0;
 
 struct Published {
     channels: u8,
@@ -158,6 +172,7 @@ pub struct Origin {
     endpoint: quinn::Endpoint,
     source: Arc<dyn Source>,
     node: NodeId,
+    budget: Duration,
 }
 
 impl Origin {
@@ -186,7 +201,15 @@ impl Origin {
             endpoint,
             source: Arc::new(source),
             node: NodeId::random(),
+            budget: DEFAULT_BUDGET,
         })
+    }
+
+    /// Sets the budget (default [`DEFAULT_BUDGET`]): a group is reset once its newest frame
+    /// has been here longer than this less half the smoothed RTT, unacknowledged.
+    pub fn with_budget(mut self, budget: Duration) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Uses `node` as this server's id in loop detection. A relay that serves the link gives
@@ -214,11 +237,11 @@ impl Origin {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let source = self.source.clone();
-                    let node = self.node;
+                    let (node, budget) = (self.node, self.budget);
                     tokio::spawn(async move {
                         let remote = incoming.remote_address();
                         match incoming.await {
-                            Ok(conn) => serve_connection(conn, source, node).await,
+                            Ok(conn) => serve_connection(conn, source, node, budget).await,
                             Err(e) => {
                                 metrics::counter!("tern_origin_link_refused_total").increment(1);
                                 warn!(%remote, "origin-link peer refused: {e}");
@@ -235,7 +258,12 @@ impl Origin {
     }
 }
 
-async fn serve_connection(conn: quinn::Connection, source: Arc<dyn Source>, node: NodeId) {
+async fn serve_connection(
+    conn: quinn::Connection,
+    source: Arc<dyn Source>,
+    node: NodeId,
+    budget: Duration,
+) {
     let remote = conn.remote_address();
     info!(%remote, "origin-link subscriber connected");
     loop {
@@ -244,7 +272,8 @@ async fn serve_connection(conn: quinn::Connection, source: Arc<dyn Source>, node
                 let source = source.clone();
                 let conn = conn.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, &*source, node).await {
+                    let served = serve_stream(&conn, send, recv, &*source, node, budget).await;
+                    if let Err(e) = served {
                         if let Error::Protocol(reason) = &e {
                             warn!(%remote, "closing origin-link connection: {reason}");
                             conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
@@ -263,16 +292,22 @@ async fn serve_connection(conn: quinn::Connection, source: Arc<dyn Source>, node
 }
 
 async fn serve_stream(
+    conn: &quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     source: &dyn Source,
     node: NodeId,
+    budget: Duration,
 ) -> Result<(), Error> {
     let request = tokio::time::timeout(SUBSCRIBE_TIMEOUT, read_message(&mut recv))
         .await
         .map_err(|_| Error::Protocol("no Subscribe within 5 s".into()))??;
-    let (broadcast, via) = match request {
-        Some(Message::Subscribe { broadcast, via }) => (broadcast, via),
+    let (subscription, broadcast, via) = match request {
+        Some(Message::Subscribe {
+            subscription,
+            broadcast,
+            via,
+        }) => (subscription, broadcast, via),
         Some(other) => {
             return Err(Error::Protocol(format!(
                 "expected Subscribe as the first message, got {other:?}"
@@ -325,23 +360,155 @@ async fn serve_stream(
         &mut buf,
     );
     send.write_all(&buf).await?;
+
+    // Group streams see this flip (or its sender drop) when the subscriber leaves: they
+    // reset instead of finishing.
+    let (cancel, cancelled) = watch::channel(false);
+    let mut groups = tokio::task::JoinSet::new();
+    // The open group's feed and how many frames it has taken.
+    let mut group: Option<(mpsc::Sender<(Frame, Instant)>, u64)> = None;
+    // The subscriber unsubscribes by stopping the control stream (or by going away).
+    let unsubscribed = send.stopped();
+    tokio::pin!(unsubscribed);
     loop {
-        match rx.recv().await {
-            Ok(frame) => {
-                buf.clear();
-                wire::encode(&Message::Frame(frame), &mut buf);
-                send.write_all(&buf).await?;
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(frame) => {
+                    let (feed, taken) = group.get_or_insert_with(|| {
+                        let (feed, frames) = mpsc::channel(GROUP_FRAMES as usize);
+                        groups.spawn(send_group(
+                            conn.clone(),
+                            subscription,
+                            frames,
+                            budget,
+                            cancelled.clone(),
+                        ));
+                        (feed, 0)
+                    });
+                    // Fails only once the group gave up (expired): the frame goes with it.
+                    // The channel holds a whole group, so it is never full.
+                    let _ = feed.try_send((frame, Instant::now()));
+                    *taken += 1;
+                    if *taken >= GROUP_FRAMES {
+                        // Dropping the feed finishes the group's stream.
+                        group = None;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(%broadcast, skipped = n, "subscriber fell behind; skipping frames");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = &mut unsubscribed => {
+                debug!(%broadcast, "subscriber unsubscribed");
+                // Each open group resets at once; dropping the tasks instead would finish them.
+                let _ = cancel.send(true);
+                while groups.join_next().await.is_some() {}
+                return Ok(());
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                warn!(%broadcast, skipped = n, "subscriber fell behind; skipping frames");
-            }
-            Err(broadcast::error::RecvError::Closed) => {
-                info!(%broadcast, "broadcast ended");
-                let _ = send.finish();
+            Some(_) = groups.join_next(), if !groups.is_empty() => {}
+        }
+    }
+    info!(%broadcast, "broadcast ended");
+    // The last groups go out (or expire) before the control stream says the broadcast ended,
+    // so a subscriber has all frames in hand when it learns of the end.
+    drop(group);
+    loop {
+        tokio::select! {
+            next = groups.join_next() => if next.is_none() { break },
+            _ = &mut unsubscribed => {
+                let _ = cancel.send(true);
+                while groups.join_next().await.is_some() {}
                 return Ok(());
             }
         }
     }
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Writes one group of frames (each with the time it reached this server) on its own stream,
+/// opened with `Group { subscription }`.
+///
+/// The stream is reset once its newest frame has been here longer than `budget` less half
+/// the smoothed RTT without the whole group having been acknowledged, or when `cancelled`
+/// changes (the subscriber left). Ages count from arrival at this server rather than from the
+/// capture time, so a clock offset between nodes cannot make every group expire at once; at
+/// the origin the two are the same.
+async fn send_group(
+    conn: quinn::Connection,
+    subscription: u64,
+    mut frames: mpsc::Receiver<(Frame, Instant)>,
+    budget: Duration,
+    mut cancelled: watch::Receiver<bool>,
+) {
+    let expiry = |got: Instant| got + budget.saturating_sub(conn.rtt() / 2);
+    let Some((first, got)) = frames.recv().await else {
+        return;
+    };
+    let mut deadline = expiry(got);
+    // Opening waits while the subscriber's stream limit is reached; not past the deadline.
+    let opened = tokio::select! {
+        r = tokio::time::timeout_at(deadline, conn.open_uni()) => r,
+        _ = cancelled.changed() => return,
+    };
+    let mut stream = match opened {
+        Ok(Ok(s)) => s,
+        // The connection is gone.
+        Ok(Err(_)) => return,
+        Err(_) => {
+            metrics::counter!("tern_origin_link_groups_expired_total").increment(1);
+            return;
+        }
+    };
+    // Newer groups first: when the path cannot carry everything, what is still queued for
+    // older groups waits (and expires) rather than delaying fresh frames. The priority wraps
+    // after 2^31 frames (1.4 years), where one group briefly loses its precedence.
+    let _ = stream.set_priority((first.seq & i32::MAX as u64) as i32);
+    let mut buf = BytesMut::new();
+    wire::encode(&Message::Group { subscription }, &mut buf);
+    wire::encode(&Message::Frame(first), &mut buf);
+    let complete = loop {
+        if !buf.is_empty() {
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, stream.write_all(&buf)) => match r {
+                    Ok(Ok(())) => buf.clear(),
+                    // The subscriber stopped the stream or the connection is gone.
+                    Ok(Err(_)) => return,
+                    Err(_) => break false,
+                },
+                _ = cancelled.changed() => break false,
+            }
+        }
+        tokio::select! {
+            f = frames.recv() => match f {
+                Some((f, got)) => {
+                    deadline = expiry(got);
+                    wire::encode(&Message::Frame(f), &mut buf);
+                }
+                None => break true,
+            },
+            () = tokio::time::sleep_until(deadline) => break false,
+            _ = cancelled.changed() => break false,
+        }
+    };
+    if complete {
+        // Only fails if the stream was already closed, which it was not.
+        let _ = stream.finish();
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.stopped()) => if r.is_ok() {
+                return;
+            },
+            _ = cancelled.changed() => {}
+        }
+    }
+    if *cancelled.borrow() {
+        debug!(subscription, "group dropped: the subscriber left");
+    } else {
+        metrics::counter!("tern_origin_link_groups_expired_total").increment(1);
+    }
+    // Only fails if the stream is already closed, when there is nothing left to drop.
+    let _ = stream.reset(RESET_EXPIRED.into());
 }
 
 /// Reads one message from a stream, or `None` at a clean end of stream.

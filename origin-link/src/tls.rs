@@ -126,8 +126,26 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// Live group streams one connection may carry at once, set by the subscriber: about
+/// budget / 100 ms + 2 = 5 per subscription, so one connection carries some 200 broadcasts.
+const MAX_GROUP_STREAMS: u32 = 1024;
+
+/// Which end of the link a transport config is for.
+#[derive(Clone, Copy)]
+enum Role {
+    Server,
+    Subscriber,
+}
+
+fn transport(role: Role) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    // Unidirectional streams only ever carry groups, origin → subscriber; a server reads none.
+    t.max_concurrent_uni_streams(match role {
+        Role::Server => 0u32.into(),
+        Role::Subscriber => MAX_GROUP_STREAMS.into(),
+    });
+    // Frames never travel as datagrams.
+    t.datagram_receive_buffer_size(None);
     // Keep-alives every second: a restarted origin answers the first one with a stateless
     // reset (see `endpoint_config`), so the relay learns of the restart within a second.
     t.keep_alive_interval(Some(Duration::from_secs(1)));
@@ -207,7 +225,7 @@ pub fn server_config_with(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(Role::Server));
     Ok(cfg)
 }
 
@@ -235,7 +253,7 @@ pub fn client_config_with(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_err)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(Role::Subscriber));
     Ok(cfg)
 }
 

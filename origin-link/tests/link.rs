@@ -155,6 +155,7 @@ async fn a_hostile_peer_is_cut_off_and_others_keep_receiving() {
     let mut big = BytesMut::new();
     wire::encode(
         &Message::Subscribe {
+            subscription: 0,
             broadcast: demo.clone(),
             via: vec![],
         },
@@ -206,4 +207,172 @@ async fn a_subscriber_that_falls_behind_skips_ahead_instead_of_queueing() {
         got.len()
     );
     let _ = s.stop.send(());
+}
+
+/// The bound that one ordered stream per subscription lacked: a subscriber that stops reading
+/// for seconds does not come back to seconds of backlog. The origin resets the groups the
+/// subscriber did not take in time, and the subscriber keeps only what is recent.
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_resumes_with_fresh_frames() {
+    let s = start().await;
+    let demo: BroadcastId = "demo".parse().unwrap();
+    let publisher = s.registry.publish(demo.clone(), 2);
+    let up = Upstream::new(s.addr, "localhost", std::slice::from_ref(&s.cert)).unwrap();
+    let mut sub = up.subscribe(&demo).await.unwrap();
+
+    let source = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for seq in 0.. {
+            tick.tick().await;
+            publisher.send(Frame {
+                capture_time_us: tern_origin_link::unix_micros_now(),
+                ..frame(seq)
+            });
+        }
+    });
+    let age = |f: &Frame| {
+        Duration::from_micros(tern_origin_link::unix_micros_now().saturating_sub(f.capture_time_us))
+    };
+    // Live first: frames arrive fresh.
+    let mut last = next(&mut sub).await.seq;
+    for _ in 0..25 {
+        last = next(&mut sub).await.seq;
+    }
+
+    // Three seconds without reading, as a relay stuck behind something else would.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let first = next(&mut sub).await;
+    assert!(first.seq > last, "still in order");
+    // ~150 frames were produced meanwhile; only about a budget's worth may be left.
+    assert!(
+        first.seq >= last + 100,
+        "resumed at {} after {last}: a backlog was kept",
+        first.seq
+    );
+    // The budget is 300 ms; the rest is margin for a loaded machine.
+    assert!(
+        age(&first) < Duration::from_millis(800),
+        "first frame {:?} old",
+        age(&first)
+    );
+    let mut prev = first.seq;
+    for _ in 0..50 {
+        let f = next(&mut sub).await;
+        assert!(f.seq > prev, "in order");
+        prev = f.seq;
+        assert!(
+            age(&f) < Duration::from_millis(800),
+            "frame {} {:?} old",
+            f.seq,
+            age(&f)
+        );
+    }
+    source.abort();
+    let _ = s.stop.send(());
+}
+
+async fn next(sub: &mut tern_origin_link::Subscription) -> Frame {
+    tokio::time::timeout(Duration::from_secs(5), sub.next_frame())
+        .await
+        .expect("a frame in time")
+        .unwrap()
+        .expect("the broadcast goes on")
+}
+
+/// A stand-in upstream over raw QUIC that answers one `Subscribe` and then writes group
+/// streams as given; returns its address, certificate and the connection once subscribed.
+async fn raw_upstream() -> (
+    std::net::SocketAddr,
+    rustls::pki_types::CertificateDer<'static>,
+    tokio::sync::oneshot::Receiver<(quinn::Connection, u64, quinn::SendStream)>,
+) {
+    let id = Identity::self_signed(&["localhost"]).unwrap();
+    let cert = id.chain[0].clone();
+    let ep = quinn::Endpoint::server(
+        tls::server_config(id).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = ep.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let conn = ep.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut buf = BytesMut::new();
+        let subscription = loop {
+            let chunk = recv.read_chunk(1024, true).await.unwrap().unwrap();
+            buf.extend_from_slice(&chunk.bytes);
+            if let Some(Message::Subscribe { subscription, .. }) = wire::decode(&mut buf).unwrap() {
+                break subscription;
+            }
+        };
+        buf.clear();
+        wire::encode(
+            &Message::SubscribeOk {
+                codec: wire::Codec::Opus,
+                channels: 1,
+            },
+            &mut buf,
+        );
+        send.write_all(&buf).await.unwrap();
+        let _ = tx.send((conn, subscription, send));
+        // Keeps the endpoint until the test is done with it.
+        std::future::pending::<()>().await;
+    });
+    (addr, cert, rx)
+}
+
+async fn write_uni(conn: &quinn::Connection, msgs: &[Message]) -> quinn::SendStream {
+    let mut buf = BytesMut::new();
+    for m in msgs {
+        wire::encode(m, &mut buf);
+    }
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&buf).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn groups_for_unknown_subscriptions_and_reset_groups_are_ignored_but_garbage_closes() {
+    let (addr, cert, ready) = raw_upstream().await;
+    let up = Upstream::new(addr, "localhost", &[cert]).unwrap();
+    let mut sub = up.subscribe(&"demo".parse().unwrap()).await.unwrap();
+    let (conn, id, _control) = ready.await.unwrap();
+    let group = |frames: std::ops::Range<u64>, subscription| {
+        std::iter::once(Message::Group { subscription })
+            .chain(frames.map(|s| Message::Frame(frame(s))))
+            .collect::<Vec<_>>()
+    };
+
+    // A group for a subscription that does not exist (it may just have ended) is ignored.
+    let _ = write_uni(&conn, &group(0..5, id + 1)).await.finish();
+    // A group reset midway is not an error: what arrived of it counts, the rest is a gap.
+    let mut reset = write_uni(&conn, &group(0..3, id)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    reset.reset(0u32.into()).unwrap();
+    let _ = write_uni(&conn, &group(5..10, id)).await.finish();
+    let mut got = Vec::new();
+    while got.last() != Some(&9) {
+        let f = tokio::time::timeout(Duration::from_secs(5), sub.next_frame())
+            .await
+            .expect("frames in time")
+            .unwrap()
+            .unwrap();
+        got.push(f.seq);
+    }
+    assert_eq!(got, vec![0, 1, 2, 5, 6, 7, 8, 9]);
+
+    // A group stream that does not start with Group closes the connection with code 1.
+    let _ = write_uni(&conn, &[Message::Frame(frame(10))])
+        .await
+        .finish();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the subscriber closes the connection");
+    assert!(
+        matches!(reason, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == 1u32.into()),
+        "{reason:?}"
+    );
+    assert!(sub.next_frame().await.is_err());
 }

@@ -372,7 +372,11 @@ impl Leg {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = vec![None; frames];
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        client.set_default_client_config(tls::client_config(std::slice::from_ref(cert))?);
+        // The subscriber's transport as it was when the mappings were compared (quinn's
+        // defaults plus keep-alive): the product's subscriber config now refuses datagrams.
+        let mut config = tls::client_config(std::slice::from_ref(cert))?;
+        config.transport_config(Arc::new(transport(1 << 20)));
+        client.set_default_client_config(config);
         let (ready_tx, ready_rx) = oneshot::channel();
         let (endpoint, addr, mapping, sink) = (
             client.clone(),
@@ -597,6 +601,7 @@ async fn subscribe(
     let mut buf = BytesMut::new();
     wire::encode(
         &Message::Subscribe {
+            subscription: 0,
             broadcast: "bench".parse()?,
             via: vec![],
         },

@@ -1,7 +1,8 @@
 //! Origin-link latency under injected delay and loss.
 //!
 //! `cargo run --release -p tern-bench-link --bin link-latency -- --seconds 60`
-//! runs every standard scenario and prints one line each; `--rtt-ms`/`--loss` run one.
+//! runs every standard scenario and prints one line each; `--rtt-ms`/`--loss` run one, and
+//! `--bottleneck` runs link-mapping's relay-falls-behind scenario over the product link.
 //!
 //! `--compare-nft` (inside a network namespace of its own: `bench/link/nft-check.sh`) runs
 //! the two loss scenarios of the requirement twice, alternately: loss from the proxy's seeded
@@ -10,7 +11,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use tern_bench_link::impair::Profile;
+use tern_bench_link::impair::{Bottleneck, Profile};
 use tern_bench_link::latency;
 
 #[derive(Parser)]
@@ -27,6 +28,10 @@ struct Args {
     /// Seed of the impairment model.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run only the bottleneck scenario: for the middle third of the run the path carries
+    /// 7 kB/s behind a 1400-byte drop-tail queue, less than the broadcast needs.
+    #[arg(long)]
+    bottleneck: bool,
     /// Opus payload bytes per frame (64 kb/s ≈ 160).
     #[arg(long, default_value_t = 160)]
     payload: usize,
@@ -46,6 +51,24 @@ fn scenarios(a: &Args) -> Vec<(String, Profile)> {
         )];
     }
     let ms = Duration::from_millis;
+    if a.bottleneck {
+        let run = Duration::from_secs(a.seconds);
+        return vec![(
+            format!(
+                "50 ms RTT, capacity 7 kB/s from {} s to {} s",
+                a.seconds / 3,
+                a.seconds * 2 / 3
+            ),
+            Profile {
+                bottleneck: Some(Bottleneck {
+                    bytes_per_sec: 7_000,
+                    queue_bytes: 1_400,
+                    during: (run / 3, run * 2 / 3),
+                }),
+                ..Profile::rtt_loss(ms(50), 0.0)
+            },
+        )];
+    }
     vec![
         ("clean loopback".into(), Profile::default()),
         ("50 ms RTT, 2% loss".into(), Profile::rtt_loss(ms(50), 0.02)),
