@@ -517,8 +517,9 @@ pub(crate) async fn read_message(recv: &mut quinn::RecvStream) -> Result<Option<
     read_next(recv, &mut buf).await
 }
 
-/// Reads the next message, using `buf` to carry bytes between calls.
-pub(crate) async fn read_next(
+/// Reads the next message from a stream, using `buf` to carry bytes between calls; `None` at
+/// a clean end of stream.
+pub async fn read_next(
     recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
 ) -> Result<Option<Message>, Error> {

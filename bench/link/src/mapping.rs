@@ -657,22 +657,12 @@ async fn receive(
     }
 }
 
-/// Reads the next message from a stream, carrying partial bytes in `buf`; `None` at a clean
-/// end of stream.
+/// The link's own stream reader (`tern_origin_link::origin::read_next`), with anyhow errors.
 async fn read_message(
     recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
 ) -> anyhow::Result<Option<Message>> {
-    loop {
-        if let Some(msg) = wire::decode(buf)? {
-            return Ok(Some(msg));
-        }
-        match recv.read_chunk(16 * 1024, true).await? {
-            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
-            None if buf.is_empty() => return Ok(None),
-            None => bail!("stream ended inside a message"),
-        }
-    }
+    Ok(tern_origin_link::origin::read_next(recv, buf).await?)
 }
 
 #[cfg(test)]
