@@ -285,21 +285,23 @@ impl Fanout {
     /// Whether a datagram from `source` belongs to one of this core's listeners: a known
     /// address, or a STUN request naming one of its ICE usernames.
     pub fn knows(&self, source: SocketAddr, data: &[u8]) -> bool {
-        self.by_addr.contains_key(&source)
-            || stun_local_ufrag(data).is_some_and(|u| self.by_ufrag.contains_key(u))
+        self.owner(source, data).is_some()
+    }
+
+    /// The listener a datagram from `source` belongs to: by address, or for a STUN request
+    /// from an address not seen yet, by the ICE username it names.
+    fn owner(&self, source: SocketAddr, data: &[u8]) -> Option<ListenerId> {
+        match self.by_addr.get(&source) {
+            Some(id) => Some(*id),
+            None => stun_local_ufrag(data).and_then(|u| self.by_ufrag.get(u).copied()),
+        }
     }
 
     /// One datagram from the socket. Returns false if it matched no listener (and was dropped).
     pub fn handle_receive(&mut self, source: SocketAddr, data: &[u8], now: Instant) -> bool {
-        let id = match self.by_addr.get(&source) {
-            Some(id) => *id,
-            None => match stun_local_ufrag(data).and_then(|u| self.by_ufrag.get(u)) {
-                Some(id) => *id,
-                None => {
-                    self.stats.unmatched_in += 1;
-                    return false;
-                }
-            },
+        let Some(id) = self.owner(source, data) else {
+            self.stats.unmatched_in += 1;
+            return false;
         };
         let Some(l) = self.listeners.get_mut(&id) else {
             return false;

@@ -155,6 +155,7 @@ impl Relay {
                 webrtc_addr: Some(announce),
                 ..Default::default()
             },
+            rotate: Default::default(),
         });
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..threads).map(|_| mpsc::channel(QUEUE)).unzip();
         let mut handles = Vec::with_capacity(threads);
@@ -226,34 +227,36 @@ impl Relay {
 
     /// Ends a WHEP session. False if there was no such session for that broadcast.
     pub async fn remove_listener(&self, broadcast: BroadcastId, session: String) -> bool {
-        let Some(shard) = shard_of(&session).and_then(|i| self.shards.get(i)) else {
-            return false;
-        };
-        let (reply, rx) = oneshot::channel();
-        let sent = shard
-            .send(Command::Remove {
-                broadcast,
-                session,
-                reply,
-            })
-            .await;
-        sent.is_ok() && rx.await.unwrap_or(false)
+        self.ask_shard(shard_of(&session), |reply| Command::Remove {
+            broadcast,
+            session,
+            reply,
+        })
+        .await
     }
 
     /// True if `session` is a live session of `broadcast`.
     pub async fn has_session(&self, broadcast: BroadcastId, session: String) -> bool {
-        let Some(shard) = shard_of(&session).and_then(|i| self.shards.get(i)) else {
+        self.ask_shard(shard_of(&session), |reply| Command::Exists {
+            broadcast,
+            session,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends the command `make` builds to shard `index` (the one a session token names) and
+    /// waits for its yes or no; no for a token that names no shard, or a shard that is gone.
+    async fn ask_shard(
+        &self,
+        index: Option<usize>,
+        make: impl FnOnce(oneshot::Sender<bool>) -> Command,
+    ) -> bool {
+        let Some(shard) = index.and_then(|i| self.shards.get(i)) else {
             return false;
         };
         let (reply, rx) = oneshot::channel();
-        let sent = shard
-            .send(Command::Exists {
-                broadcast,
-                session,
-                reply,
-            })
-            .await;
-        sent.is_ok() && rx.await.unwrap_or(false)
+        shard.send(make(reply)).await.is_ok() && rx.await.unwrap_or(false)
     }
 
     /// Starts draining: new sessions are refused from now on; current ones continue.
@@ -567,6 +570,8 @@ struct Board {
     caps: Vec<usize>,
     tx: watch::Sender<RelaySnapshot>,
     template: RelaySnapshot,
+    /// Where the search for the roomiest shard starts, turning on each placement.
+    rotate: std::sync::atomic::AtomicUsize,
 }
 
 impl Board {
@@ -603,11 +608,12 @@ impl Board {
     /// The shard with the most room left (the first of equals after a rotating start, so a
     /// burst of arrivals spreads before the counts catch up).
     fn roomiest(&self) -> usize {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static ROTATE: AtomicUsize = AtomicUsize::new(0);
         let parts = self.parts();
         let n = parts.len();
-        let start = ROTATE.fetch_add(1, Ordering::Relaxed) % n;
+        let start = self
+            .rotate
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % n;
         (0..n)
             .map(|k| (start + k) % n)
             .max_by_key(|&i| {
@@ -905,6 +911,7 @@ mod tests {
             caps,
             tx: watch::channel(RelaySnapshot::default()).0,
             template: RelaySnapshot::default(),
+            rotate: Default::default(),
         }
     }
 
