@@ -338,20 +338,22 @@ pub struct S3Section {
 }
 
 impl Default for S3Section {
+    /// The packager crate's defaults, plus the spool, which only the service has.
     fn default() -> Self {
+        let d = tern_packager::s3::S3Settings::default();
         Self {
-            region: "us-east-1".into(),
-            endpoint: None,
-            bucket: String::new(),
-            prefix: String::new(),
-            path_style: false,
-            cache_control_segments: "max-age=31536000, immutable".into(),
-            cache_control_playlists: "max-age=1".into(),
-            cache_control_master: "max-age=60".into(),
+            region: d.region,
+            endpoint: d.endpoint,
+            bucket: d.bucket,
+            prefix: d.prefix,
+            path_style: d.path_style,
+            cache_control_segments: d.segment_cache_control,
+            cache_control_playlists: d.playlist_cache_control,
+            cache_control_master: d.master_cache_control,
             spool_dir: PathBuf::from("/var/lib/tern/spool"),
             spool_max_bytes: 1 << 30,
-            request_timeout_seconds: 10.0,
-            upload_concurrency: 4,
+            request_timeout_seconds: d.attempt_timeout.as_secs_f64(),
+            upload_concurrency: d.upload_concurrency,
         }
     }
 }
