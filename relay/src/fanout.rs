@@ -10,30 +10,36 @@
 //! and after each call drains [`Fanout::poll_transmit`] (to the socket) and
 //! [`Fanout::poll_event`]. Time is always the caller's `now`.
 //!
-//! Each listener is one ICE-lite [`str0m::Rtc`]. All listeners share one DTLS certificate
-//! (making one per listener costs a key generation each). Incoming datagrams are routed by
-//! source address; a new address is matched to its listener by the ICE username of its STUN
-//! binding request, so demultiplexing stays O(1) however many listeners there are. Opus frames
-//! are handed to every listener as one shared buffer: the payload is never copied per listener.
+//! Each listener is one ICE-lite [`str0m::Rtc`] for ICE, DTLS and consent freshness. All
+//! listeners share one DTLS certificate (making one per listener costs a key generation
+//! each). Incoming datagrams are routed by source address; a new address is matched to its
+//! listener by the ICE username of its STUN binding request, so demultiplexing stays O(1)
+//! however many listeners there are. Once a listener's DTLS handshake is done, its media and
+//! RTCP bypass str0m: the core writes each SRTP packet from a header template with the keys
+//! the handshake exported ([`crate::egress`]), and reads the listener's SRTCP itself.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::crypto::CryptoProvider;
-use str0m::media::{Frequency, MediaTime, Mid, Pt};
+use str0m::media::Mid;
 use str0m::net::{Protocol, Receive, Transmit};
-use str0m::rtp::{AbsCaptureTime, Extension};
+use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc};
 use tern_origin_link::{BroadcastId, Frame};
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::dtls_keys::{self, KeySlot};
+use crate::egress::{Egress, FeedbackOutcome, History, Track};
+use crate::srtp::SrtpSession;
 use crate::Error;
 
-/// How often each listener's send statistics (with its receiver reports) are summarised.
-pub const STATS_INTERVAL: Duration = Duration::from_secs(5);
+/// str0m's own RTCP report interval: in effect never, since the core writes the sender
+/// reports (str0m never sees the media, so its reports would count nothing).
+const STR0M_REPORT_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// RTP header extension id offered for abs-capture-time when the listener supports it.
 const ABS_CAPTURE_TIME_ID: u8 = 14;
@@ -66,7 +72,7 @@ pub enum LeaveReason {
 pub enum FanoutEvent {
     /// ICE and DTLS are up; media flows from now on.
     Connected(ListenerId),
-    /// A listener's receiver report, summarised (about every [`STATS_INTERVAL`]).
+    /// A listener's receiver report (browsers send one every few seconds).
     Report {
         /// Who reported.
         id: ListenerId,
@@ -112,6 +118,16 @@ pub struct FanoutStats {
     pub bytes_out: u64,
     /// Datagrams received that matched no listener.
     pub unmatched_in: u64,
+    /// RTCP NACK packets received from listeners.
+    pub nacks_in: u64,
+    /// Packets sent again because a listener asked.
+    pub retransmits: u64,
+    /// Packets asked for that were no longer kept (older than the broadcast's history).
+    pub retransmits_missed: u64,
+    /// RTCP sender reports sent.
+    pub sender_reports: u64,
+    /// SRTCP packets from listeners that did not authenticate (dropped).
+    pub rtcp_rejected: u64,
 }
 
 struct Listener {
@@ -119,8 +135,14 @@ struct Listener {
     broadcast: BroadcastId,
     ufrag: String,
     addrs: Vec<SocketAddr>,
-    /// Where the Opus stream is written once the offer's audio m-line is known.
-    media: Option<(Mid, Pt)>,
+    /// Where and how the Opus stream is written, as the answer negotiated.
+    track: Track,
+    /// Filled with the SRTP keying material when the DTLS handshake completes.
+    keys: KeySlot,
+    /// The listener's address for media: where its DTLS (and later SRTCP) comes from.
+    dest: Option<SocketAddr>,
+    /// The media path, from the moment ICE and DTLS are up.
+    egress: Option<Box<Egress>>,
     connected: bool,
     created: Instant,
     next_timeout: Instant,
@@ -142,10 +164,8 @@ pub struct Fanout {
     by_ufrag: HashMap<String, ListenerId>,
     by_addr: HashMap<SocketAddr, ListenerId>,
     members: HashMap<BroadcastId, Vec<ListenerId>>,
-    timelines: HashMap<BroadcastId, Timeline>,
-    transmits: VecDeque<Transmit>,
-    events: VecDeque<FanoutEvent>,
-    stats: FanoutStats,
+    broadcasts: HashMap<BroadcastId, Broadcast>,
+    out: Sink,
     /// Every listener's next deadline, ordered: finding due timers costs O(log n), not a scan.
     timers: BTreeSet<(Instant, ListenerId)>,
     /// Listeners to free at the next `reap`; nothing else is scanned for dead peers.
@@ -155,7 +175,7 @@ pub struct Fanout {
 impl Fanout {
     /// A core with no listeners.
     pub fn new(config: FanoutConfig) -> Result<Self, Error> {
-        let crypto = Arc::new(str0m::crypto::from_feature_flags());
+        let crypto = Arc::new(dtls_keys::provider());
         let dtls_cert = crypto
             .dtls_provider
             .generate_certificate()
@@ -169,10 +189,8 @@ impl Fanout {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             members: HashMap::new(),
-            timelines: HashMap::new(),
-            transmits: VecDeque::new(),
-            events: VecDeque::new(),
-            stats: FanoutStats::default(),
+            broadcasts: HashMap::new(),
+            out: Sink::default(),
             timers: BTreeSet::new(),
             dead: Vec::new(),
         })
@@ -195,7 +213,7 @@ impl Fanout {
             .map_err(|e| Error::BadOffer(format!("unparseable SDP: {e}")))?;
 
         let creds = IceCreds::new();
-        let mut rtc = Rtc::builder()
+        let config = Rtc::builder()
             .set_ice_lite(true)
             .set_crypto_provider(self.crypto.clone())
             .set_dtls_cert(self.dtls_cert.clone())
@@ -210,8 +228,12 @@ impl Fanout {
             .set_extension(MID_ID, Extension::RtpMid)
             // Listeners that offer it learn each frame's capture time at the origin.
             .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
-            .set_stats_interval(Some(STATS_INTERVAL))
-            .build(now);
+            // The core writes media, sender reports and retransmissions itself (see the
+            // module docs): str0m's send buffer and reports would only hold and count nothing.
+            .set_send_buffer_audio(1)
+            .set_rtcp_report_interval_audio(STR0M_REPORT_INTERVAL)
+            .set_stats_interval(None);
+        let (mut rtc, keys) = dtls_keys::build_rtc(config, now);
         let candidate = Candidate::host(self.config.announce, "udp")
             .map_err(|e| Error::WebRtc(format!("host candidate: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -223,7 +245,7 @@ impl Fanout {
         let answer = answer.to_sdp_string();
         // str0m announces the media only once DTLS is up; the answer already says which
         // m-line carries Opus and under which payload type, so refuse a useless offer now.
-        let media = answer_media(&answer).ok_or_else(|| {
+        let track = answer_track(&answer).ok_or_else(|| {
             Error::BadOffer("the offer has no audio stream that can receive Opus".into())
         })?;
 
@@ -234,7 +256,10 @@ impl Fanout {
             broadcast: broadcast.clone(),
             ufrag: creds.ufrag.clone(),
             addrs: Vec::new(),
-            media: Some(media),
+            track,
+            keys,
+            dest: None,
+            egress: None,
             connected: false,
             created: now,
             next_timeout: now,
@@ -242,13 +267,7 @@ impl Fanout {
             reaping: false,
             dead: None,
         };
-        drain(
-            id,
-            &mut listener,
-            &mut self.transmits,
-            &mut self.events,
-            &mut self.stats,
-        );
+        drain(id, &mut listener, &mut self.out, &self.crypto);
         self.by_ufrag.insert(creds.ufrag, id);
         self.members.entry(broadcast).or_default().push(id);
         self.listeners.insert(id, Box::new(listener));
@@ -265,13 +284,7 @@ impl Fanout {
         };
         l.rtc.disconnect();
         l.dead = Some(LeaveReason::Deleted);
-        drain(
-            id,
-            l,
-            &mut self.transmits,
-            &mut self.events,
-            &mut self.stats,
-        );
+        drain(id, l, &mut self.out, &self.crypto);
         schedule(id, l, &mut self.timers, &mut self.dead);
         self.reap();
         true
@@ -300,12 +313,33 @@ impl Fanout {
     /// One datagram from the socket. Returns false if it matched no listener (and was dropped).
     pub fn handle_receive(&mut self, source: SocketAddr, data: &[u8], now: Instant) -> bool {
         let Some(id) = self.owner(source, data) else {
-            self.stats.unmatched_in += 1;
+            self.out.stats.unmatched_in += 1;
             return false;
         };
         let Some(l) = self.listeners.get_mut(&id) else {
             return false;
         };
+        if let (true, Some(egress)) = (is_rtcp(data), l.egress.as_mut()) {
+            // The listener's SRTCP: read here, str0m never sees the media side.
+            let history = self.broadcasts.get(&l.broadcast).map(|b| &b.history);
+            let mut resend = Vec::new();
+            let Some(outcome) = egress.feedback(data, history, now, &mut resend) else {
+                self.out.stats.rtcp_rejected += 1;
+                return true;
+            };
+            // Authenticated: this is where the listener receives now.
+            egress.dest = source;
+            for packet in resend {
+                self.out.send(self.config.local, source, packet);
+            }
+            self.out.feedback(id, &outcome);
+            if outcome.bye {
+                l.dead.get_or_insert(LeaveReason::Disconnected);
+                schedule(id, l, &mut self.timers, &mut self.dead);
+                self.reap();
+            }
+            return true;
+        }
         let Ok(contents) = data.try_into() else {
             // Not STUN, DTLS or (S)RTP: garbage from this address, dropped.
             return false;
@@ -326,69 +360,56 @@ impl Fanout {
             l.addrs.push(source);
             self.by_addr.insert(source, id);
         }
-        if let Err(e) = l.rtc.handle_input(input) {
+        let dtls = is_dtls(data);
+        match l.rtc.handle_input(input) {
+            // The peer's DTLS comes from the address ICE selected.
+            Ok(()) if dtls => l.dest = Some(source),
+            Ok(()) => {}
             // A bad packet costs this packet only; the session goes on.
-            debug!(listener = id.0, "dropped input: {e}");
+            Err(e) => debug!(listener = id.0, "dropped input: {e}"),
         }
-        drain(
-            id,
-            l,
-            &mut self.transmits,
-            &mut self.events,
-            &mut self.stats,
-        );
+        drain(id, l, &mut self.out, &self.crypto);
         schedule(id, l, &mut self.timers, &mut self.dead);
         self.reap();
         true
     }
 
     /// One frame of `broadcast` from upstream: written to every connected listener of it.
+    ///
+    /// The hot path of the relay: per listener, one header copy, one SRTP seal, one
+    /// datagram queued. str0m is not involved.
     pub fn handle_frame(&mut self, broadcast: &BroadcastId, frame: &Frame, now: Instant) {
-        self.stats.frames_in += 1;
+        self.out.stats.frames_in += 1;
         let Some(ids) = self.members.get(broadcast) else {
             return;
         };
-        // One allocation per frame, shared by every listener's packetizer.
-        let payload: Arc<[u8]> = Arc::from(&frame.payload[..]);
-        let media = self
-            .timelines
-            .entry(broadcast.clone())
-            .or_default()
-            .map(frame.timestamp, now);
-        let rtp_time = MediaTime::new(media, Frequency::FORTY_EIGHT_KHZ);
-        let capture = AbsCaptureTime {
-            capture_time: UNIX_EPOCH + Duration::from_micros(frame.capture_time_us),
-            clock_offset: None,
-        };
+        let b = self.broadcasts.entry(broadcast.clone()).or_default();
+        // Listeners see the low 32 bits of the continuous timeline, as RTP does.
+        let rtp_time = b.timeline.map(frame.timestamp, now) as u32;
+        let out_frame = b
+            .history
+            .push(rtp_time, frame.capture_time_us, frame.payload.clone());
         for id in ids {
             // Members and listeners are kept in step by `reap`.
             let Some(l) = self.listeners.get_mut(id) else {
                 continue;
             };
-            let Some((mid, pt)) = l.media else { continue };
-            if !l.connected || l.dead.is_some() {
+            if l.dead.is_some() {
                 continue;
             }
-            let Some(writer) = l.rtc.writer(mid) else {
+            let Some(egress) = l.egress.as_mut() else {
                 continue;
             };
-            match writer
-                .abs_capture_time(capture)
-                .write(pt, now, rtp_time, payload.clone())
-            {
-                Ok(()) => self.stats.frames_out += 1,
-                Err(e) => debug!(listener = id.0, "write failed: {e}"),
+            let mut packet = Vec::with_capacity(64 + out_frame.payload.len());
+            egress.write(out_frame, now, &mut packet);
+            self.out.stats.frames_out += 1;
+            self.out.send(self.config.local, egress.dest, packet);
+            let mut report = Vec::new();
+            if egress.maybe_report(now, &mut report) {
+                self.out.stats.sender_reports += 1;
+                self.out.send(self.config.local, egress.dest, report);
             }
-            drain(
-                *id,
-                l,
-                &mut self.transmits,
-                &mut self.events,
-                &mut self.stats,
-            );
-            schedule(*id, l, &mut self.timers, &mut self.dead);
         }
-        self.reap();
     }
 
     /// Drives every listener whose timer is due.
@@ -415,13 +436,7 @@ impl Fanout {
                     debug!(listener = id.0, "timeout handling failed: {e}");
                     l.dead = Some(LeaveReason::Failed);
                 }
-                drain(
-                    id,
-                    l,
-                    &mut self.transmits,
-                    &mut self.events,
-                    &mut self.stats,
-                );
+                drain(id, l, &mut self.out, &self.crypto);
             }
             schedule(id, l, &mut self.timers, &mut self.dead);
         }
@@ -435,12 +450,12 @@ impl Fanout {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.transmits.pop_front()
     }
 
     /// The next event for the shell.
     pub fn poll_event(&mut self) -> Option<FanoutEvent> {
-        self.events.pop_front()
+        self.out.events.pop_front()
     }
 
     /// Listeners now, in total.
@@ -455,7 +470,7 @@ impl Fanout {
 
     /// Counters.
     pub fn stats(&self) -> FanoutStats {
-        self.stats
+        self.out.stats
     }
 
     /// Frees every listener queued as dead and reports it.
@@ -468,13 +483,7 @@ impl Fanout {
                 self.timers.remove(&(k, id));
             }
             // Flush what the peer should still hear (e.g. DTLS close_notify).
-            drain(
-                id,
-                &mut l,
-                &mut self.transmits,
-                &mut self.events,
-                &mut self.stats,
-            );
+            drain(id, &mut l, &mut self.out, &self.crypto);
             self.by_ufrag.remove(&l.ufrag);
             for a in &l.addrs {
                 self.by_addr.remove(a);
@@ -483,10 +492,10 @@ impl Fanout {
                 ids.retain(|x| *x != id);
                 if ids.is_empty() {
                     self.members.remove(&l.broadcast);
-                    self.timelines.remove(&l.broadcast);
+                    self.broadcasts.remove(&l.broadcast);
                 }
             }
-            self.events.push_back(FanoutEvent::Left {
+            self.out.events.push_back(FanoutEvent::Left {
                 id,
                 broadcast: l.broadcast,
                 reason: l.dead.unwrap_or(LeaveReason::Disconnected),
@@ -553,14 +562,50 @@ fn schedule(
     }
 }
 
+/// What the core has for its shell: datagrams, events, counters.
+#[derive(Default)]
+struct Sink {
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<FanoutEvent>,
+    stats: FanoutStats,
+}
+
+impl Sink {
+    fn send(&mut self, source: SocketAddr, destination: SocketAddr, packet: Vec<u8>) {
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += packet.len() as u64;
+        self.transmits.push_back(Transmit {
+            proto: Protocol::Udp,
+            source,
+            destination,
+            contents: packet.into(),
+        });
+    }
+
+    fn feedback(&mut self, id: ListenerId, outcome: &FeedbackOutcome) {
+        self.stats.nacks_in += u64::from(outcome.nack_packets);
+        self.stats.retransmits += u64::from(outcome.retransmits);
+        self.stats.retransmits_missed += u64::from(outcome.missed);
+        if let Some((loss, jitter, rtt)) = outcome.report {
+            self.events.push_back(FanoutEvent::Report {
+                id,
+                loss,
+                jitter,
+                rtt,
+            });
+        }
+    }
+}
+
+/// Per broadcast: the listeners' RTP timeline and the frames kept for retransmission.
+#[derive(Default)]
+struct Broadcast {
+    timeline: Timeline,
+    history: History,
+}
+
 /// Pulls everything a listener's `Rtc` has to say, as str0m requires after each input.
-fn drain(
-    id: ListenerId,
-    l: &mut Listener,
-    transmits: &mut VecDeque<Transmit>,
-    events: &mut VecDeque<FanoutEvent>,
-    stats: &mut FanoutStats,
-) {
+fn drain(id: ListenerId, l: &mut Listener, out: &mut Sink, crypto: &CryptoProvider) {
     loop {
         match l.rtc.poll_output() {
             Ok(Output::Timeout(t)) => {
@@ -568,15 +613,26 @@ fn drain(
                 return;
             }
             Ok(Output::Transmit(t)) => {
-                stats.datagrams_out += 1;
-                stats.bytes_out += t.contents.len() as u64;
-                transmits.push_back(t);
+                if is_dtls(&t.contents) {
+                    // DTLS goes to the address ICE selected; so will the media.
+                    l.dest = Some(t.destination);
+                }
+                out.stats.datagrams_out += 1;
+                out.stats.bytes_out += t.contents.len() as u64;
+                out.transmits.push_back(t);
             }
             Ok(Output::Event(e)) => match e {
-                Event::Connected => {
-                    l.connected = true;
-                    events.push_back(FanoutEvent::Connected(id));
-                }
+                Event::Connected => match start_egress(l, crypto) {
+                    Ok(egress) => {
+                        l.egress = Some(Box::new(egress));
+                        l.connected = true;
+                        out.events.push_back(FanoutEvent::Connected(id));
+                    }
+                    Err(e) => {
+                        warn!(listener = id.0, "no media path: {e}");
+                        l.dead.get_or_insert(LeaveReason::Failed);
+                    }
+                },
                 Event::IceConnectionStateChange(IceConnectionState::Disconnected)
                 | Event::Closed => {
                     l.dead.get_or_insert(LeaveReason::Disconnected);
@@ -592,34 +648,106 @@ fn drain(
     }
 }
 
-/// The (mid, payload type) of the first sending audio m-line of our answer that has Opus.
-fn answer_media(answer: &str) -> Option<(Mid, Pt)> {
+/// The media path of a listener whose ICE and DTLS just came up.
+fn start_egress(l: &mut Listener, crypto: &CryptoProvider) -> Result<Egress, Error> {
+    let keying = dtls_keys::take(&l.keys)
+        .ok_or_else(|| Error::WebRtc("DTLS finished without SRTP keying material".into()))?;
+    let srtp = SrtpSession::new(crypto, keying.profile, &keying.material, keying.client)?;
+    let dest = l
+        .dest
+        .or_else(|| l.addrs.first().copied())
+        .ok_or_else(|| Error::WebRtc("connected without a peer address".into()))?;
+    let mid = Mid::from(l.track.mid.as_str());
+    // The SSRC str0m announced for this m-line, so the answer and the packets agree.
+    let ssrc = l
+        .rtc
+        .direct_api()
+        .stream_tx_by_mid(mid, None)
+        .map(|s| *s.ssrc())
+        .unwrap_or_else(rand::random);
+    let cname = l
+        .rtc
+        .media(mid)
+        .map(|m| m.cname().to_string())
+        .unwrap_or_else(|| "tern".into());
+    Ok(Egress::new(
+        srtp,
+        dest,
+        ssrc,
+        cname,
+        &l.track,
+        rand::random(),
+    ))
+}
+
+/// RTCP (RFC 5761 demultiplexing: RTP version 2, payload type byte 192..=223).
+fn is_rtcp(data: &[u8]) -> bool {
+    data.len() >= 8 && data[0] >> 6 == 2 && (192..=223).contains(&data[1])
+}
+
+/// DTLS (RFC 7983: first byte 20..=63).
+fn is_dtls(data: &[u8]) -> bool {
+    data.first().is_some_and(|b| (20..=63).contains(b))
+}
+
+/// What the answer says about the first sending audio m-line with Opus: its MID, payload
+/// type and header extension ids.
+fn answer_track(answer: &str) -> Option<Track> {
+    let mut found: Option<Track> = None;
     let mut in_audio = false;
-    let mut mid = None;
-    let mut pt = None;
+    let mut current = Track {
+        mid: String::new(),
+        pt: 0,
+        mid_ext: None,
+        abs_capture_ext: None,
+    };
+    let mut has_pt = false;
     for line in answer.lines().chain(std::iter::once("m=end 0")) {
         if line.starts_with("m=") {
-            if let (true, Some(m), Some(p)) = (in_audio, mid, pt) {
-                return Some((Mid::from(m), Pt::new_with_value(p)));
+            if in_audio && has_pt && !current.mid.is_empty() {
+                found = Some(current.clone());
+                break;
             }
             // A port of 0 means the m-line was rejected.
             in_audio = line.starts_with("m=audio ") && !line.starts_with("m=audio 0 ");
-            mid = None;
-            pt = None;
+            current = Track {
+                mid: String::new(),
+                pt: 0,
+                mid_ext: None,
+                abs_capture_ext: None,
+            };
+            has_pt = false;
         } else if let Some(m) = line.strip_prefix("a=mid:") {
-            mid = Some(m.trim());
+            current.mid = m.trim().to_string();
         } else if let Some((p, enc)) = line
             .strip_prefix("a=rtpmap:")
             .and_then(|r| r.split_once(' '))
         {
-            if pt.is_none() && enc.to_ascii_lowercase().starts_with("opus/48000") {
-                pt = p.parse::<u8>().ok();
+            if !has_pt && enc.to_ascii_lowercase().starts_with("opus/48000") {
+                if let Ok(p) = p.parse::<u8>() {
+                    current.pt = p;
+                    has_pt = true;
+                }
+            }
+        } else if let Some((id, uri)) = line
+            .strip_prefix("a=extmap:")
+            .and_then(|r| r.split_once(' '))
+        {
+            // "ID[/direction] URI": one-byte header ids are 1..=14.
+            let id = id.split('/').next().and_then(|i| i.parse::<u8>().ok());
+            let uri = uri.split_whitespace().next().unwrap_or("");
+            if let Some(id) = id.filter(|i| (1..=14).contains(i)) {
+                if uri == "urn:ietf:params:rtp-hdrext:sdes:mid" {
+                    current.mid_ext = Some(id);
+                } else if uri == "http://www.webrtc.org/experiments/rtp-hdrext/abs-capture-time" {
+                    current.abs_capture_ext = Some(id);
+                }
             }
         } else if line.starts_with("a=inactive") || line.starts_with("a=recvonly") {
             in_audio = false;
         }
     }
-    None
+    found
 }
 
 /// Cheap checks that give a WHEP client a precise reason before the SDP parser runs.
@@ -682,14 +810,18 @@ mod tests {
         received: Vec<(u64, Vec<u8>)>,
         capture_times: Vec<Option<std::time::SystemTime>>,
         connected: bool,
+        /// Every datagram the core sent this client, and when.
+        raw: Vec<(Instant, Vec<u8>)>,
+        /// The client's own SRTP keys, from its DTLS handshake.
+        keys: KeySlot,
     }
 
     impl Client {
         fn new(addr: SocketAddr, now: Instant) -> (Self, String, str0m::change::SdpPendingOffer) {
-            let mut rtc = Rtc::builder()
-                .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
-                .set_extension(9, Extension::AbsoluteCaptureTime)
-                .build(now);
+            let config = Rtc::builder()
+                .set_crypto_provider(Arc::new(dtls_keys::provider()))
+                .set_extension(9, Extension::AbsoluteCaptureTime);
+            let (mut rtc, keys) = dtls_keys::build_rtc(config, now);
             rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
             let mut api = rtc.sdp_api();
             api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
@@ -701,6 +833,8 @@ mod tests {
                     received: vec![],
                     capture_times: vec![],
                     connected: false,
+                    raw: vec![],
+                    keys,
                 },
                 offer.to_sdp_string(),
                 pending,
@@ -765,6 +899,7 @@ mod tests {
             }
             while let Some(t) = f.poll_transmit() {
                 if let Some(c) = clients.iter_mut().find(|c| c.addr == t.destination) {
+                    c.raw.push((*now, t.contents.to_vec()));
                     let input = Input::Receive(
                         *now,
                         Receive {
@@ -860,6 +995,13 @@ mod tests {
             assert_eq!(c.received.len() as u64, seq, "every frame arrives");
             for (i, (ts, data)) in c.received.iter().enumerate() {
                 assert_eq!(data, &frame(i as u64).payload[..], "payload passed through");
+                // abs-capture-time, under the id the client offered (NTP fractions of a
+                // second round to within a microsecond).
+                let want =
+                    std::time::UNIX_EPOCH + Duration::from_micros(frame(i as u64).capture_time_us);
+                let got = c.capture_times[i].expect("abs-capture-time");
+                let diff = got.duration_since(want).unwrap_or_else(|e| e.duration());
+                assert!(diff < Duration::from_micros(1), "{got:?} vs {want:?}");
                 assert_eq!(
                     ts - c.received[0].0,
                     i as u64 * 960,
@@ -1040,5 +1182,217 @@ mod tests {
         assert_eq!(stun_local_ufrag(&pkt), Some("abcd"));
         assert_eq!(stun_local_ufrag(&pkt[..30]), None);
         assert_eq!(stun_local_ufrag(&[0x80; 40]), None);
+    }
+
+    /// The client's SRTP session, from the keys its DTLS handshake exported.
+    fn client_srtp(c: &Client) -> SrtpSession {
+        let k = dtls_keys::take(&c.keys).expect("the client's handshake exported keys");
+        let mut s =
+            SrtpSession::new(&dtls_keys::provider(), k.profile, &k.material, k.client).unwrap();
+        // The client's str0m has sent receiver reports with the first SRTCP indices; the
+        // core would refuse them again as replays.
+        for _ in 0..32 {
+            s.protect_rtcp(&[0x80, 201, 0, 1, 0, 0, 0, 1], &mut Vec::new());
+        }
+        s
+    }
+
+    /// The RTP packets the core sent a client, decrypted (header and payload).
+    fn rtp_packets(c: &Client, srtp: &mut SrtpSession) -> Vec<Vec<u8>> {
+        c.raw
+            .iter()
+            .filter(|(_, d)| !is_rtcp(d) && d.first().is_some_and(|b| b >> 6 == 2))
+            .map(|(_, d)| srtp.unprotect_rtp(d, 0).expect("RTP decrypts"))
+            .collect()
+    }
+
+    fn seq(rtp: &[u8]) -> u16 {
+        u16::from_be_bytes([rtp[2], rtp[3]])
+    }
+
+    fn ssrc(rtp: &[u8]) -> u32 {
+        u32::from_be_bytes([rtp[8], rtp[9], rtp[10], rtp[11]])
+    }
+
+    /// A connected client that has been fed `secs` of frames.
+    fn fed(secs: u64) -> (Fanout, Vec<Client>, Vec<ListenerId>, Instant) {
+        let mut now = Instant::now();
+        let mut f = fanout();
+        let (mut clients, ids) = connect(&mut f, 1, now);
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
+        feed(&mut f, &mut clients, &mut now, Duration::from_secs(secs), 0);
+        (f, clients, ids, now)
+    }
+
+    #[test]
+    fn packets_have_the_negotiated_header_and_consecutive_numbers() {
+        let (_f, clients, _, _) = fed(1);
+        let mut srtp = client_srtp(&clients[0]);
+        let rtp = rtp_packets(&clients[0], &mut srtp);
+        assert_eq!(rtp.len(), 50);
+        for (i, p) in rtp.iter().enumerate() {
+            assert_eq!(p[0], 0x90, "version 2 with header extensions");
+            assert_eq!(p[1] & 0x80 != 0, i == 0, "marker on the first packet only");
+            assert_eq!(seq(p), seq(&rtp[0]).wrapping_add(i as u16));
+            assert_eq!(ssrc(p), ssrc(&rtp[0]));
+            assert_eq!(&p[12..14], &[0xbe, 0xde]);
+            assert_eq!(&p[p.len() - 4..], &frame(i as u64).payload[..]);
+        }
+        assert!(
+            seq(&rtp[0]) < 0x8000,
+            "first index leaves room before the first wrap"
+        );
+    }
+
+    /// A generic NACK (RFC 4585) from `c` for `pid` and the packets its mask names.
+    fn nack(media_ssrc: u32, pid: u16, blp: u16) -> Vec<u8> {
+        let mut p = vec![0x81, 205, 0, 3, 0, 0, 0, 1];
+        p.extend_from_slice(&media_ssrc.to_be_bytes());
+        p.extend_from_slice(&pid.to_be_bytes());
+        p.extend_from_slice(&blp.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn nacked_packets_are_sent_again_byte_for_byte() {
+        let (mut f, clients, _, now) = fed(1);
+        let c = &clients[0];
+        let mut srtp = client_srtp(c);
+        let rtp = rtp_packets(c, &mut srtp);
+        let sent: Vec<&Vec<u8>> = c
+            .raw
+            .iter()
+            .map(|(_, d)| d)
+            .filter(|d| !is_rtcp(d) && d[0] >> 6 == 2)
+            .collect();
+        let media = ssrc(&rtp[0]);
+        // Packets 10 and 12 (mask bit 1), and one long before the first packet.
+        let mut plain = nack(media, seq(&rtp[10]), 0b10);
+        plain.extend(nack(media, seq(&rtp[0]).wrapping_sub(1000), 0));
+        let mut packet = Vec::new();
+        srtp.protect_rtcp(&plain, &mut packet);
+        assert!(f.handle_receive(c.addr, &packet, now));
+        let mut again = Vec::new();
+        while let Some(t) = f.poll_transmit() {
+            assert_eq!(t.destination, c.addr);
+            again.push(t.contents.to_vec());
+        }
+        assert_eq!(again, vec![sent[10].clone(), sent[12].clone()]);
+        let s = f.stats();
+        assert_eq!((s.nacks_in, s.retransmits, s.retransmits_missed), (2, 2, 1));
+
+        // A forged or replayed SRTCP packet does nothing.
+        assert!(f.handle_receive(c.addr, &packet, now));
+        let mut forged = packet.clone();
+        forged[10] ^= 1;
+        assert!(f.handle_receive(c.addr, &forged, now));
+        assert!(f.poll_transmit().is_none());
+        assert_eq!(f.stats().rtcp_rejected, 2);
+        assert_eq!(f.stats().retransmits, 2);
+    }
+
+    #[test]
+    fn sender_reports_go_out_and_receiver_reports_come_back_as_events() {
+        let (mut f, clients, ids, _) = fed(6);
+        let c = &clients[0];
+        let mut srtp = client_srtp(c);
+        let rtp = rtp_packets(c, &mut srtp);
+        let reports: Vec<(Instant, Vec<u8>)> = c
+            .raw
+            .iter()
+            .filter(|(_, d)| is_rtcp(d))
+            .map(|(t, d)| (*t, srtp.unprotect_rtcp(d).expect("SRTCP decrypts")))
+            .collect();
+        // One half a second after the first packet, the next 5 s later.
+        assert_eq!(reports.len(), 2, "{} reports", reports.len());
+        let (sent_at, sr) = &reports[1];
+        assert_eq!(sr[1], 200);
+        assert_eq!(
+            u32::from_be_bytes(sr[4..8].try_into().unwrap()),
+            ssrc(&rtp[0])
+        );
+        // Packet count and RTP time are those of the packets sent before it.
+        let count = u32::from_be_bytes(sr[20..24].try_into().unwrap()) as usize;
+        let rtp_time = u32::from_be_bytes(sr[16..20].try_into().unwrap());
+        let last = &rtp[count - 1];
+        assert_eq!(rtp_time, u32::from_be_bytes(last[4..8].try_into().unwrap()));
+        let ntp = u64::from_be_bytes(sr[8..16].try_into().unwrap());
+
+        // The listener reports 25/256 lost, 480 samples of jitter, and held the SR 10 ms.
+        let mut rr = vec![0x81, 201, 0, 7, 0, 0, 0, 1];
+        rr.extend_from_slice(&ssrc(&rtp[0]).to_be_bytes());
+        rr.extend_from_slice(&[25, 0, 0, 3]);
+        rr.extend_from_slice(&300u32.to_be_bytes());
+        rr.extend_from_slice(&480u32.to_be_bytes());
+        rr.extend_from_slice(&crate::rtcp::ntp_middle(ntp).to_be_bytes());
+        rr.extend_from_slice(&655u32.to_be_bytes());
+        let mut packet = Vec::new();
+        srtp.protect_rtcp(&rr, &mut packet);
+        // The client's own str0m reported during the run: its SRTCP authenticated here.
+        let mut own = 0;
+        while let Some(e) = f.poll_event() {
+            own += usize::from(matches!(e, FanoutEvent::Report { .. }));
+        }
+        assert!(own >= 1, "no report from the client's str0m");
+        assert_eq!(f.stats().rtcp_rejected, 0);
+        assert!(f.handle_receive(c.addr, &packet, *sent_at + Duration::from_millis(50)));
+        match f.poll_event() {
+            Some(FanoutEvent::Report {
+                id,
+                loss,
+                jitter,
+                rtt,
+            }) => {
+                assert_eq!(id, ids[0]);
+                assert!((loss - 25.0 / 256.0).abs() < 1e-6);
+                assert_eq!(jitter, Duration::from_millis(10));
+                let rtt = rtt.expect("round trip from LSR/DLSR").as_secs_f64();
+                assert!((rtt - 0.040).abs() < 0.0005, "rtt {rtt}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rtcp_bye_frees_the_listener() {
+        let (mut f, clients, ids, now) = fed(1);
+        let mut srtp = client_srtp(&clients[0]);
+        let mut packet = Vec::new();
+        srtp.protect_rtcp(&[0x81, 203, 0, 1, 0, 0, 0, 1], &mut packet);
+        while f.poll_event().is_some() {}
+        assert!(f.handle_receive(clients[0].addr, &packet, now));
+        assert_eq!(f.listener_count(), 0);
+        assert_eq!(
+            f.poll_event(),
+            Some(FanoutEvent::Left {
+                id: ids[0],
+                broadcast: demo(),
+                reason: LeaveReason::Disconnected
+            })
+        );
+    }
+
+    #[test]
+    fn the_answer_names_mid_payload_type_and_extensions() {
+        let answer =
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:v\r\na=rtpmap:96 VP8/90000\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 109 111\r\na=mid:a1\r\n\
+            a=extmap:3/sendonly urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+            a=extmap:15 http://www.webrtc.org/experiments/rtp-hdrext/abs-capture-time\r\n\
+            a=sendonly\r\na=rtpmap:109 opus/48000/2\r\na=rtpmap:111 opus/48000/2\r\n";
+        assert_eq!(
+            answer_track(answer),
+            Some(Track {
+                mid: "a1".into(),
+                pt: 109,
+                mid_ext: Some(3),
+                // 15 cannot be a one-byte extension id.
+                abs_capture_ext: None,
+            })
+        );
+        assert_eq!(
+            answer_track(&answer.replace("a=sendonly", "a=inactive")),
+            None
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! pieces the `tern` appliance binary assembles.
 //!
 //! - [`fanout`]: the sans-IO fan-out core (str0m, ICE-lite, one UDP socket for all listeners).
+//! - [`egress`], [`rtcp`], [`srtp`], [`dtls_keys`]: the core's own media path (SRTP packets
+//!   from a header template, sender reports, NACKs) with the keys each DTLS handshake exports.
 //! - [`node`]: its async shell (socket task, upstream subscriptions).
 //! - [`http`]: listener page, WHEP, HLS files, health, metrics.
 //! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
@@ -14,6 +16,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod dtls_keys;
+pub mod egress;
 pub mod fanout;
 pub mod http;
 pub mod limits;
@@ -21,8 +25,10 @@ pub mod node;
 pub mod packaging;
 pub mod reload;
 pub mod router;
+pub mod rtcp;
 #[cfg(unix)]
 pub mod sdnotify;
+pub mod srtp;
 pub mod udp;
 
 use tern_origin_link::BroadcastId;

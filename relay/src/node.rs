@@ -856,6 +856,14 @@ fn record_stats(fanout: &Fanout, last: crate::fanout::FanoutStats) -> crate::fan
     metrics::counter!("tern_relay_bytes_out_total").increment(s.bytes_out - last.bytes_out);
     metrics::counter!("tern_relay_unmatched_datagrams_total")
         .increment(s.unmatched_in - last.unmatched_in);
+    metrics::counter!("tern_relay_nacks_total").increment(s.nacks_in - last.nacks_in);
+    metrics::counter!("tern_relay_retransmits_total").increment(s.retransmits - last.retransmits);
+    metrics::counter!("tern_relay_retransmits_missed_total")
+        .increment(s.retransmits_missed - last.retransmits_missed);
+    metrics::counter!("tern_relay_sender_reports_total")
+        .increment(s.sender_reports - last.sender_reports);
+    metrics::counter!("tern_relay_rtcp_rejected_total")
+        .increment(s.rtcp_rejected - last.rtcp_rejected);
     s
 }
 

@@ -72,6 +72,42 @@ test("page connects over WebRTC and receives Opus audio", { timeout: 60_000 }, a
   assert.equal(String(last.codec).toLowerCase(), "audio/opus", `codec: ${summary}`);
 });
 
+test("RTCP flows both ways: sender reports reach the browser, its reports reach the relay", {
+  timeout: 40_000,
+}, async () => {
+  // The relay writes its own sender reports (it seals media itself); the browser shows them
+  // as remote-outbound-rtp, with the packet count the relay sent.
+  let sr = null;
+  try {
+    await waitFor(async () => {
+      sr = await page.evaluate(async () => {
+        let out = null;
+        (await window.tern.pc.getStats()).forEach((s) => {
+          if (s.type === "remote-outbound-rtp") {
+            out = { packetsSent: s.packetsSent, bytesSent: s.bytesSent, reportsSent: s.reportsSent };
+          }
+        });
+        return out;
+      });
+      return sr !== null && sr.packetsSent > 0;
+    }, { timeoutMs: 15_000, what: "a sender report (remote-outbound-rtp) in the browser" });
+  } catch (err) {
+    assert.fail(`${err.message}: ${JSON.stringify(sr)}${context()}`);
+  }
+  // The browser's receiver reports, decrypted and read by the relay, feed the loss metric.
+  let count = 0;
+  try {
+    await waitFor(async () => {
+      const text = await (await fetch(`${tern.base}/metrics`)).text();
+      const m = text.match(/^tern_relay_listener_loss_ratio_count (\d+)/m);
+      count = m ? Number(m[1]) : 0;
+      return count > 0;
+    }, { timeoutMs: 15_000, what: "a receiver report counted in /metrics" });
+  } catch (err) {
+    assert.fail(`${err.message}${context()}`);
+  }
+});
+
 test("/health counts the connected listener", { timeout: 15_000 }, async () => {
   let last;
   try {
