@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 use crate::dtls_keys::{self, KeySlot};
 use crate::egress::{Egress, FeedbackOutcome, History, Track};
 use crate::srtp::SrtpSession;
+use crate::stun;
 use crate::Error;
 
 /// str0m's own RTCP report interval: in effect never, since the core writes the sender
@@ -49,6 +50,19 @@ const MID_ID: u8 = 4;
 
 /// A listener that has not completed ICE + DTLS by then is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A listener whose binding requests (consent freshness, every ~5 s) stop for this long is
+/// gone (the same limit str0m's ICE-lite agent applies).
+pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A connected listener's str0m state is freed once the listener has proven its DTLS
+/// handshake finished (its first authenticated SRTCP), or at the latest this long after
+/// connecting, if its DTLS has been quiet for [`DTLS_QUIET`]: until then, str0m stays to
+/// answer a handshake flight the listener may send again because ours was lost.
+pub const HANDOFF_AFTER: Duration = Duration::from_secs(10);
+
+/// See [`HANDOFF_AFTER`].
+pub const DTLS_QUIET: Duration = Duration::from_secs(5);
 
 /// Identifies one WebRTC listener of this relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -128,12 +142,19 @@ pub struct FanoutStats {
     pub sender_reports: u64,
     /// SRTCP packets from listeners that did not authenticate (dropped).
     pub rtcp_rejected: u64,
+    /// Listeners whose str0m state was freed after their handshake (see [`HANDOFF_AFTER`]).
+    pub handoffs: u64,
+    /// Consent checks (STUN binding requests) answered by the core after a hand-off.
+    pub consent_answers: u64,
 }
 
 struct Listener {
-    rtc: Rtc,
+    /// ICE, DTLS and consent until the hand-off (see [`Fanout::handle_receive`]); `None`
+    /// after it, when the core answers consent checks itself.
+    rtc: Option<Box<Rtc>>,
     broadcast: BroadcastId,
-    ufrag: String,
+    /// Our ICE credentials for this listener.
+    ice: stun::Credentials,
     addrs: Vec<SocketAddr>,
     /// Where and how the Opus stream is written, as the answer negotiated.
     track: Track,
@@ -144,6 +165,12 @@ struct Listener {
     /// The media path, from the moment ICE and DTLS are up.
     egress: Option<Box<Egress>>,
     connected: bool,
+    /// When ICE and DTLS came up.
+    connected_at: Option<Instant>,
+    /// The last DTLS packet from the listener.
+    last_dtls_in: Option<Instant>,
+    /// The last valid binding request, once the core answers them.
+    last_consent: Instant,
     created: Instant,
     next_timeout: Instant,
     /// The deadline this listener is filed under in `Fanout::timers`, if any.
@@ -252,15 +279,21 @@ impl Fanout {
         let id = ListenerId(self.next_id);
         self.next_id += 1;
         let mut listener = Listener {
-            rtc,
+            rtc: Some(Box::new(rtc)),
             broadcast: broadcast.clone(),
-            ufrag: creds.ufrag.clone(),
+            ice: stun::Credentials {
+                ufrag: creds.ufrag.clone(),
+                pass: creds.pass.clone(),
+            },
             addrs: Vec::new(),
             track,
             keys,
             dest: None,
             egress: None,
             connected: false,
+            connected_at: None,
+            last_dtls_in: None,
+            last_consent: now,
             created: now,
             next_timeout: now,
             timer_key: None,
@@ -282,7 +315,9 @@ impl Fanout {
         let Some(l) = self.listeners.get_mut(&id) else {
             return false;
         };
-        l.rtc.disconnect();
+        if let Some(rtc) = l.rtc.as_mut() {
+            rtc.disconnect();
+        }
         l.dead = Some(LeaveReason::Deleted);
         drain(id, l, &mut self.out, &self.crypto);
         schedule(id, l, &mut self.timers, &mut self.dead);
@@ -335,11 +370,34 @@ impl Fanout {
             self.out.feedback(id, &outcome);
             if outcome.bye {
                 l.dead.get_or_insert(LeaveReason::Disconnected);
-                schedule(id, l, &mut self.timers, &mut self.dead);
-                self.reap();
+            } else if l.rtc.is_some() {
+                // Its SRTCP proves the listener finished the DTLS handshake.
+                hand_off(id, l, &mut self.out, &self.crypto, now);
             }
+            schedule(id, l, &mut self.timers, &mut self.dead);
+            self.reap();
             return true;
         }
+        let Some(rtc) = l.rtc.as_mut() else {
+            // After the hand-off: consent checks are answered here and anything else is
+            // dropped. DTLS too: without its state a close_notify cannot be told from a
+            // spoofed one; a leaving listener's RTCP BYE (authenticated), its WHEP DELETE or
+            // the end of its consent checks end the session instead.
+            let mut answer = Vec::new();
+            let hmac = self.crypto.sha1_hmac_provider;
+            if stun::answer(data, source, &l.ice, hmac, &mut answer).is_err() {
+                return false;
+            }
+            l.last_consent = now;
+            self.out.stats.consent_answers += 1;
+            if !l.addrs.contains(&source) {
+                l.addrs.push(source);
+                self.by_addr.insert(source, id);
+            }
+            self.out.send(self.config.local, source, answer);
+            schedule(id, l, &mut self.timers, &mut self.dead);
+            return true;
+        };
         let Ok(contents) = data.try_into() else {
             // Not STUN, DTLS or (S)RTP: garbage from this address, dropped.
             return false;
@@ -353,7 +411,7 @@ impl Fanout {
                 contents,
             },
         );
-        if !l.rtc.accepts(&input) {
+        if !rtc.accepts(&input) {
             return false;
         }
         if !l.addrs.contains(&source) {
@@ -361,14 +419,18 @@ impl Fanout {
             self.by_addr.insert(source, id);
         }
         let dtls = is_dtls(data);
-        match l.rtc.handle_input(input) {
+        match rtc.handle_input(input) {
             // The peer's DTLS comes from the address ICE selected.
-            Ok(()) if dtls => l.dest = Some(source),
+            Ok(()) if dtls => {
+                l.dest = Some(source);
+                l.last_dtls_in = Some(now);
+            }
             Ok(()) => {}
             // A bad packet costs this packet only; the session goes on.
             Err(e) => debug!(listener = id.0, "dropped input: {e}"),
         }
         drain(id, l, &mut self.out, &self.crypto);
+        note_connected(l, now);
         schedule(id, l, &mut self.timers, &mut self.dead);
         self.reap();
         true
@@ -429,14 +491,26 @@ impl Fanout {
                 continue;
             };
             l.timer_key = None;
-            if !l.connected && l.dead.is_none() && now >= l.created + CONNECT_TIMEOUT {
+            if l.dead.is_some() {
+                // Reaped below.
+            } else if l.rtc.is_none() {
+                if now >= l.last_consent + CONSENT_TIMEOUT {
+                    debug!(listener = id.0, "consent expired");
+                    l.dead = Some(LeaveReason::Disconnected);
+                }
+            } else if !l.connected && now >= l.created + CONNECT_TIMEOUT {
                 l.dead = Some(LeaveReason::ConnectTimeout);
+            } else if handoff_due(l).is_some_and(|t| t <= now) {
+                hand_off(id, l, &mut self.out, &self.crypto, now);
             } else if l.next_timeout <= now {
-                if let Err(e) = l.rtc.handle_input(Input::Timeout(now)) {
-                    debug!(listener = id.0, "timeout handling failed: {e}");
-                    l.dead = Some(LeaveReason::Failed);
+                if let Some(rtc) = l.rtc.as_mut() {
+                    if let Err(e) = rtc.handle_input(Input::Timeout(now)) {
+                        debug!(listener = id.0, "timeout handling failed: {e}");
+                        l.dead = Some(LeaveReason::Failed);
+                    }
                 }
                 drain(id, l, &mut self.out, &self.crypto);
+                note_connected(l, now);
             }
             schedule(id, l, &mut self.timers, &mut self.dead);
         }
@@ -484,7 +558,7 @@ impl Fanout {
             }
             // Flush what the peer should still hear (e.g. DTLS close_notify).
             drain(id, &mut l, &mut self.out, &self.crypto);
-            self.by_ufrag.remove(&l.ufrag);
+            self.by_ufrag.remove(&l.ice.ufrag);
             for a in &l.addrs {
                 self.by_addr.remove(a);
             }
@@ -536,20 +610,24 @@ impl Timeline {
     }
 }
 
-/// Files a listener under its next deadline (the earlier of str0m's timeout and, until
-/// connected, the connect deadline), and queues it for reaping once it is dead.
+/// Files a listener under its next deadline (str0m's timeout, the connect deadline until
+/// connected, the hand-off, and after it the consent deadline), and queues it for reaping
+/// once it is dead.
 fn schedule(
     id: ListenerId,
     l: &mut Listener,
     timers: &mut BTreeSet<(Instant, ListenerId)>,
     dead: &mut Vec<ListenerId>,
 ) {
-    if (l.dead.is_some() || !l.rtc.is_alive()) && !l.reaping {
+    let alive = l.rtc.as_ref().is_none_or(|rtc| rtc.is_alive());
+    if (l.dead.is_some() || !alive) && !l.reaping {
         l.reaping = true;
         dead.push(id);
     }
-    let want = if l.connected {
-        l.next_timeout
+    let want = if l.rtc.is_none() {
+        l.last_consent + CONSENT_TIMEOUT
+    } else if let Some(handoff) = handoff_due(l) {
+        l.next_timeout.min(handoff)
     } else {
         l.next_timeout.min(l.created + CONNECT_TIMEOUT)
     };
@@ -607,7 +685,8 @@ struct Broadcast {
 /// Pulls everything a listener's `Rtc` has to say, as str0m requires after each input.
 fn drain(id: ListenerId, l: &mut Listener, out: &mut Sink, crypto: &CryptoProvider) {
     loop {
-        match l.rtc.poll_output() {
+        let Some(rtc) = l.rtc.as_mut() else { return };
+        match rtc.poll_output() {
             Ok(Output::Timeout(t)) => {
                 l.next_timeout = t;
                 return;
@@ -657,16 +736,18 @@ fn start_egress(l: &mut Listener, crypto: &CryptoProvider) -> Result<Egress, Err
         .dest
         .or_else(|| l.addrs.first().copied())
         .ok_or_else(|| Error::WebRtc("connected without a peer address".into()))?;
+    let rtc = l
+        .rtc
+        .as_mut()
+        .ok_or_else(|| Error::WebRtc("no WebRTC state".into()))?;
     let mid = Mid::from(l.track.mid.as_str());
     // The SSRC str0m announced for this m-line, so the answer and the packets agree.
-    let ssrc = l
-        .rtc
+    let ssrc = rtc
         .direct_api()
         .stream_tx_by_mid(mid, None)
         .map(|s| *s.ssrc())
         .unwrap_or_else(rand::random);
-    let cname = l
-        .rtc
+    let cname = rtc
         .media(mid)
         .map(|m| m.cname().to_string())
         .unwrap_or_else(|| "tern".into());
@@ -678,6 +759,42 @@ fn start_egress(l: &mut Listener, crypto: &CryptoProvider) -> Result<Egress, Err
         &l.track,
         rand::random(),
     ))
+}
+
+/// Remembers when a listener connected (drain saw str0m's event; `now` is the caller's).
+fn note_connected(l: &mut Listener, now: Instant) {
+    if l.connected && l.connected_at.is_none() {
+        l.connected_at = Some(now);
+    }
+}
+
+/// When a connected listener's str0m state may go, if it still has one.
+fn handoff_due(l: &Listener) -> Option<Instant> {
+    let connected = l
+        .connected_at
+        .filter(|_| l.rtc.is_some() && l.egress.is_some())?;
+    let quiet = l.last_dtls_in.map_or(connected, |t| t + DTLS_QUIET);
+    Some((connected + HANDOFF_AFTER).max(quiet))
+}
+
+/// Frees a connected listener's str0m state: from now on the core answers its consent
+/// checks ([`stun`]) and its media never needed str0m. What str0m still had to send (the
+/// tail of a DTLS flight) goes out first.
+fn hand_off(
+    id: ListenerId,
+    l: &mut Listener,
+    out: &mut Sink,
+    crypto: &CryptoProvider,
+    now: Instant,
+) {
+    drain(id, l, out, crypto);
+    if l.dead.is_some() {
+        return;
+    }
+    l.rtc = None;
+    l.last_consent = now;
+    out.stats.handoffs += 1;
+    debug!(listener = id.0, "handed off from str0m");
 }
 
 /// RTCP (RFC 5761 demultiplexing: RTP version 2, payload type byte 192..=223).
@@ -1393,6 +1510,75 @@ mod tests {
         assert_eq!(
             answer_track(&answer.replace("a=sendonly", "a=inactive")),
             None
+        );
+    }
+
+    #[test]
+    fn after_the_hand_off_the_core_alone_keeps_consent_and_media() {
+        let mut now = Instant::now();
+        let mut f = fanout();
+        let (mut clients, ids) = connect(&mut f, 1, now);
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
+        assert!(
+            f.listeners[&ids[0]].rtc.is_some(),
+            "str0m until the hand-off"
+        );
+        // A minute: the client's receiver reports prove its handshake, str0m is freed, and
+        // from then on only the core's consent answers keep the client's ICE alive.
+        let n = feed(&mut f, &mut clients, &mut now, Duration::from_secs(60), 0);
+        assert!(f.listeners[&ids[0]].rtc.is_none(), "str0m state freed");
+        assert!(
+            clients[0].rtc.is_alive(),
+            "the client's ICE still has a working pair"
+        );
+        assert_eq!(clients[0].received.len() as u64, n, "no frame missed");
+        assert_eq!(f.listener_count(), 1);
+
+        // The client goes silent: no more binding requests, so consent runs out.
+        let mut left = Vec::new();
+        run(
+            &mut f,
+            &mut clients[..0],
+            &mut now,
+            CONSENT_TIMEOUT + Duration::from_secs(1),
+            |f, _, _| {
+                while let Some(e) = f.poll_event() {
+                    left.push(e);
+                }
+            },
+        );
+        assert!(left.contains(&FanoutEvent::Left {
+            id: ids[0],
+            broadcast: demo(),
+            reason: LeaveReason::Disconnected
+        }));
+        assert_eq!(f.listener_count(), 0);
+    }
+
+    #[test]
+    fn a_listener_closing_after_the_hand_off_is_freed() {
+        let (mut f, mut clients, ids, mut now) = fed(12);
+        assert!(f.listeners[&ids[0]].rtc.is_none());
+        while f.poll_event().is_some() {}
+        // A DTLS record (close_notify or not) cannot be authenticated any more: ignored.
+        let addr = clients[0].addr;
+        f.handle_receive(
+            addr,
+            &[21, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 5, 0, 2, 1, 0, 0],
+            now,
+        );
+        assert_eq!(f.listener_count(), 1);
+        // Closing sends RTCP BYE (and close_notify): the core frees the listener.
+        clients[0].rtc.close().unwrap();
+        idle(&mut f, &mut clients, &mut now, Duration::from_millis(100));
+        assert_eq!(f.listener_count(), 0);
+        assert_eq!(
+            f.poll_event(),
+            Some(FanoutEvent::Left {
+                id: ids[0],
+                broadcast: demo(),
+                reason: LeaveReason::Disconnected
+            })
         );
     }
 }

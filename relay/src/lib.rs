@@ -3,7 +3,8 @@
 //!
 //! - [`fanout`]: the sans-IO fan-out core (str0m, ICE-lite, one UDP socket for all listeners).
 //! - [`egress`], [`rtcp`], [`srtp`], [`dtls_keys`]: the core's own media path (SRTP packets
-//!   from a header template, sender reports, NACKs) with the keys each DTLS handshake exports.
+//!   from a header template, sender reports, NACKs) with the keys each DTLS handshake exports,
+//!   and [`stun`]: consent answers once str0m's per-listener state is freed.
 //! - [`node`]: its async shell (socket task, upstream subscriptions).
 //! - [`http`]: listener page, WHEP, HLS files, health, metrics.
 //! - [`packaging`]: runs the HLS packager beside the relay, isolated on its own thread.
@@ -29,6 +30,7 @@ pub mod rtcp;
 #[cfg(unix)]
 pub mod sdnotify;
 pub mod srtp;
+pub mod stun;
 pub mod udp;
 
 use tern_origin_link::BroadcastId;

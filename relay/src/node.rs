@@ -864,6 +864,9 @@ fn record_stats(fanout: &Fanout, last: crate::fanout::FanoutStats) -> crate::fan
         .increment(s.sender_reports - last.sender_reports);
     metrics::counter!("tern_relay_rtcp_rejected_total")
         .increment(s.rtcp_rejected - last.rtcp_rejected);
+    metrics::counter!("tern_relay_handoffs_total").increment(s.handoffs - last.handoffs);
+    metrics::counter!("tern_relay_consent_answers_total")
+        .increment(s.consent_answers - last.consent_answers);
     s
 }
 

@@ -108,6 +108,49 @@ test("RTCP flows both ways: sender reports reach the browser, its reports reach 
   }
 });
 
+test("after the relay frees its WebRTC state, its consent answers keep the browser connected", {
+  timeout: 40_000,
+}, async () => {
+  const metric = async (name) => {
+    const text = await (await fetch(`${tern.base}/metrics`)).text();
+    const m = text.match(new RegExp(`^${name} (\\d+)`, "m"));
+    return m ? Number(m[1]) : 0;
+  };
+  // The browser's first receiver report proves its handshake finished: the relay hands the
+  // listener off from str0m and answers its STUN consent checks itself.
+  await waitFor(async () => (await metric("tern_relay_handoffs_total")) >= 1, {
+    timeoutMs: 20_000,
+    what: "the listener handed off",
+  });
+  const pair = () => page.evaluate(async () => {
+    let out = null;
+    (await window.tern.pc.getStats()).forEach((s) => {
+      if (s.type === "candidate-pair" && s.nominated) {
+        out = { responsesReceived: s.responsesReceived, requestsSent: s.requestsSent, state: s.state };
+      }
+    });
+    return out;
+  });
+  const before = await pair();
+  const answered = await metric("tern_relay_consent_answers_total");
+  // The browser only counts responses whose MESSAGE-INTEGRITY and FINGERPRINT verify.
+  let now = before;
+  try {
+    await waitFor(async () => {
+      now = await pair();
+      return now && now.responsesReceived >= before.responsesReceived + 2;
+    }, { timeoutMs: 20_000, what: "two more verified consent responses in the browser" });
+  } catch (err) {
+    assert.fail(`${err.message}: before ${JSON.stringify(before)}, now ${JSON.stringify(now)}${context()}`);
+  }
+  assert.ok((await metric("tern_relay_consent_answers_total")) > answered, "answers came from the core");
+  assert.equal(now.state, "succeeded");
+  const a = await stats();
+  await sleep(1_000);
+  const b = await stats();
+  assert.ok(b.packetsReceived - a.packetsReceived >= 40, "media still flows");
+});
+
 test("/health counts the connected listener", { timeout: 15_000 }, async () => {
   let last;
   try {
