@@ -37,6 +37,56 @@ const QUEUE: usize = 1024;
 /// How often counters and the health snapshot are refreshed when nothing else changes.
 const REFRESH: Duration = Duration::from_millis(250);
 
+/// How long after a hand-off freed listeners' WebRTC state the memory is given back (a burst
+/// of connections hands off over a few seconds: one trim for all of it), and how often at
+/// most.
+const TRIM_DELAY: Duration = Duration::from_secs(2);
+const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Gives the memory freed by hand-offs back to the system.
+///
+/// A listener's DTLS handshake runs its cryptography in aws-lc (C), whose allocations come
+/// from glibc's heap; freed after the hand-off, they leave small holes that glibc keeps
+/// mapped. `malloc_trim` returns the whole free pages among them (Rust's own allocations are
+/// jemalloc's, which returns pages by itself). 1,200 listeners connecting at once: 20.6 KiB
+/// resident per listener without it, 17.5–18.4 with it.
+#[derive(Default)]
+struct Trim {
+    pending_since: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Trim {
+    fn freed(&mut self, now: Instant) {
+        self.pending_since.get_or_insert(now);
+    }
+
+    fn maybe_release(&mut self, now: Instant) {
+        let Some(since) = self.pending_since else {
+            return;
+        };
+        if now < since + TRIM_DELAY || self.last.is_some_and(|l| now < l + TRIM_INTERVAL) {
+            return;
+        }
+        self.pending_since = None;
+        self.last = Some(now);
+        release_freed_memory();
+        tracing::debug!(took = ?now.elapsed(), "returned freed memory to the system");
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists; it has no
+    // preconditions and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
+
 enum Command {
     Add {
         broadcast: BroadcastId,
@@ -648,6 +698,7 @@ impl Shard {
         let mut out = Vec::new();
         let mut sessions: HashMap<String, ListenerId> = HashMap::new();
         let mut last_stats = self.fanout.stats();
+        let mut trim = Trim::default();
         let mut last_count = usize::MAX;
         let mut last_refresh = Instant::now();
         let mut frame_arrived = None;
@@ -677,16 +728,11 @@ impl Shard {
                 () = crate::stopped(&mut shutdown) => break,
             }
             flush(&self.socket, &mut self.fanout, &mut out).await;
-            // A written frame's packets leave on str0m's next timeout pass, due at once: the
-            // frame is out once no listener is due any more. From its arrival from upstream to
-            // then is the time the relay adds (queueing to this shard included).
-            if let Some(t) = frame_arrived {
-                let now = Instant::now();
-                if self.fanout.poll_timeout().is_none_or(|due| due > now) {
-                    metrics::histogram!("tern_relay_frame_fanout_seconds")
-                        .record(now.duration_since(t));
-                    frame_arrived = None;
-                }
+            // The core queued a frame's packets for every listener at once and they have just
+            // been handed to the kernel: from the frame's arrival from upstream to now is the
+            // time the relay adds (queueing to this shard included).
+            if let Some(t) = frame_arrived.take() {
+                metrics::histogram!("tern_relay_frame_fanout_seconds").record(t.elapsed());
             }
             self.handle_events(&mut sessions);
             // Counters and the health snapshot are refreshed when listeners come or go,
@@ -695,7 +741,12 @@ impl Shard {
             if count != last_count || last_refresh.elapsed() >= REFRESH {
                 last_count = count;
                 last_refresh = Instant::now();
+                let handoffs = last_stats.handoffs;
                 last_stats = record_stats(&self.fanout, last_stats);
+                if last_stats.handoffs > handoffs {
+                    trim.freed(Instant::now());
+                }
+                trim.maybe_release(Instant::now());
                 self.board.publish(
                     self.index,
                     snapshot_of(&self.fanout, self.capacity, self.announce),

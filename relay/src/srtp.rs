@@ -102,7 +102,11 @@ pub struct SrtpSession {
     hmac: &'static dyn Sha1HmacProvider,
     tx_rtp: Transform,
     tx_rtcp: Transform,
-    rx_rtp: Transform,
+    /// Made on first use: the relay never receives RTP, and each cipher is a few hundred
+    /// bytes per listener.
+    rx_rtp: Option<Transform>,
+    rx_rtp_keys: SessionKeys,
+    srtp: &'static dyn SrtpProvider,
     rx_rtcp: Transform,
     /// The SRTCP index the next sent packet carries.
     srtcp_index: u32,
@@ -157,7 +161,9 @@ impl SrtpSession {
             hmac: crypto.sha1_hmac_provider,
             tx_rtp: derive(ours, false, true),
             tx_rtcp: derive(ours, true, true),
-            rx_rtp: derive(theirs, false, false),
+            rx_rtp: None,
+            rx_rtp_keys: SessionKeys::derive(srtp, suite, theirs.0, theirs.1, false),
+            srtp,
             rx_rtcp: derive(theirs, true, false),
             srtcp_index: 0,
             rtcp_replay: ReplayWindow::default(),
@@ -344,7 +350,11 @@ impl SrtpSession {
         let seq = u16::from_be_bytes([packet[2], packet[3]]);
         let ssrc = be32(&packet[8..12]);
         let (header, rest) = packet.split_at(header_len);
-        match &mut self.rx_rtp {
+        let (srtp, suite, keys) = (self.srtp, self.suite, &self.rx_rtp_keys);
+        let rx_rtp = self
+            .rx_rtp
+            .get_or_insert_with(|| Transform::new(srtp, suite, keys, false));
+        match rx_rtp {
             Transform::CmSha1 { cipher, salt, auth } => {
                 let tag_at = len - HMAC_TAG_LEN;
                 let tag = self
@@ -709,7 +719,13 @@ mod tests {
             hmac: crypto.sha1_hmac_provider,
             tx_rtp: t(true),
             tx_rtcp: t(true),
-            rx_rtp: t(false),
+            rx_rtp: Some(t(false)),
+            rx_rtp_keys: SessionKeys {
+                key: keys.key,
+                salt: keys.salt,
+                auth: keys.auth,
+            },
+            srtp: crypto.srtp_provider,
             rx_rtcp: t(false),
             srtcp_index: 0,
             rtcp_replay: ReplayWindow::default(),
