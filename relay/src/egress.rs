@@ -292,7 +292,18 @@ impl Egress {
                 rtt,
             ));
         }
+        // One packet may name thousands of sequence numbers (17 per item); an authenticated
+        // listener gets each packet it asks for once, and at most a history's worth.
+        let mut asked: Vec<u16> = Vec::with_capacity(nacks.len().min(HISTORY));
         for seq in nacks {
+            if asked.contains(&seq) {
+                continue;
+            }
+            if asked.len() == HISTORY {
+                outcome.missed += 1;
+                continue;
+            }
+            asked.push(seq);
             match self
                 .frame_of(seq)
                 .and_then(|(index, n)| Some((index, history?.get(n)?)))
@@ -308,6 +319,14 @@ impl Egress {
             }
         }
         Some(outcome)
+    }
+
+    /// Appends an SRTCP BYE for this stream: the relay ends the session.
+    pub fn bye(&mut self, out: &mut Vec<u8>) {
+        let mut plain = Vec::with_capacity(8);
+        plain.extend_from_slice(&[0x81, 203, 0, 1]);
+        plain.extend_from_slice(&self.ssrc.to_be_bytes());
+        self.srtp.protect_rtcp(&plain, out);
     }
 
     /// The SRTP index and frame number a NACKed sequence number stands for, if it is one

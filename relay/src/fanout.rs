@@ -33,6 +33,8 @@ use tern_origin_link::{BroadcastId, Frame};
 use tracing::{debug, warn};
 
 use crate::dtls_keys::{self, KeySlot};
+#[cfg(test)]
+use crate::egress::HISTORY;
 use crate::egress::{Egress, FeedbackOutcome, History, Track};
 use crate::srtp::SrtpSession;
 use crate::stun;
@@ -317,6 +319,11 @@ impl Fanout {
         };
         if let Some(rtc) = l.rtc.as_mut() {
             rtc.disconnect();
+        } else if let Some(egress) = l.egress.as_mut() {
+            // After the hand-off there is no DTLS to close: an RTCP BYE tells the listener.
+            let mut bye = Vec::new();
+            egress.bye(&mut bye);
+            self.out.send(self.config.local, egress.dest, bye);
         }
         l.dead = Some(LeaveReason::Deleted);
         drain(id, l, &mut self.out, &self.crypto);
@@ -1580,5 +1587,48 @@ mod tests {
                 reason: LeaveReason::Disconnected
             })
         );
+    }
+
+    #[test]
+    fn a_nack_flood_is_answered_once_per_packet_and_at_most_a_history() {
+        let (mut f, clients, _, now) = fed(2);
+        let c = &clients[0];
+        let mut srtp = client_srtp(c);
+        let rtp = rtp_packets(c, &mut srtp);
+        let media = ssrc(&rtp[0]);
+        let last = seq(rtp.last().unwrap());
+        // 300 items, each naming 17 packets, all among the last 100 sent.
+        let mut plain = vec![0x81, 205, 0, 0, 0, 0, 0, 1];
+        plain.extend_from_slice(&media.to_be_bytes());
+        for i in 0..300u16 {
+            plain.extend_from_slice(&last.wrapping_sub(99 - i % 80).to_be_bytes());
+            plain.extend_from_slice(&0xffffu16.to_be_bytes());
+        }
+        let words = (plain.len() / 4 - 1) as u16;
+        plain[2..4].copy_from_slice(&words.to_be_bytes());
+        let mut packet = Vec::new();
+        srtp.protect_rtcp(&plain, &mut packet);
+        f.handle_receive(c.addr, &packet, now);
+        let mut sent = 0;
+        while f.poll_transmit().is_some() {
+            sent += 1;
+        }
+        assert!(sent > 0 && sent <= HISTORY, "{sent} retransmissions");
+        assert_eq!(f.stats().retransmits, sent as u64);
+    }
+
+    #[test]
+    fn deleting_a_handed_off_listener_sends_it_an_rtcp_bye() {
+        let (mut f, clients, ids, _) = fed(12);
+        assert!(f.listeners[&ids[0]].rtc.is_none());
+        let mut srtp = client_srtp(&clients[0]);
+        assert!(f.remove_listener(ids[0]));
+        let t = f.poll_transmit().expect("a goodbye");
+        assert_eq!(t.destination, clients[0].addr);
+        let plain = srtp
+            .unprotect_rtcp(&t.contents)
+            .expect("SRTCP from the relay");
+        assert_eq!(plain[1], 203);
+        assert_eq!(f.listener_count(), 0);
     }
 }

@@ -112,6 +112,12 @@ impl Server {
             Self::Janus(j) => j.pid(),
         }
     }
+    fn fanout_ms(&self) -> Option<(f64, f64)> {
+        match self {
+            Self::Tern(t) => t.fanout_ms(),
+            Self::Janus(_) => None,
+        }
+    }
     fn rtp_target(&self) -> std::net::SocketAddr {
         match self {
             Self::Tern(t) => t.rtp_target(),
@@ -158,6 +164,8 @@ struct Measured {
     sampled_expected: u64,
     gaps: u64,
     bench_cpu: f64,
+    /// The server's own p50/p99 of the time it adds per frame, ms (Tern only).
+    fanout_ms: Option<(f64, f64)>,
 }
 
 impl Measured {
@@ -252,6 +260,7 @@ fn run(args: &Args, frames: &Arc<Frames>, kind: ServerKind, listeners: usize) ->
     let ((u1, s1), (bu1, bs1)) = (cpu(pid)?, cpu(me)?);
     let sent = source.sent() - sent0;
     let rss = rss_kib(pid)?;
+    let fanout_ms = server.fanout_ms();
     let sampled = clients.iter().filter(|c| c.sampled).count() as u64;
     Ok(Measured {
         kind,
@@ -269,12 +278,13 @@ fn run(args: &Args, frames: &Arc<Frames>, kind: ServerKind, listeners: usize) ->
         sampled_expected: sent * sampled,
         gaps: counters.sampled_gaps - g0,
         bench_cpu: (bu1 - bu0 + bs1 - bs0) / secs * 100.0,
+        fanout_ms,
     })
 }
 
 fn print_row(args: &Args, m: &Measured) {
     println!(
-        "| {} | {} | {:.1} s | {:.0} | {:.2}% | {:.1} | {:.1} | **{:.1}** | {:.0}% | {:.1} | {} | {:.1} / {:.1} ms | {} / {} frames, {} gaps | {:.0}% |",
+        "| {} | {} | {:.1} s | {:.0} | {:.2}% | {:.1} | {:.1} | **{:.1}** | {:.0}% | {:.1} | {} | {:.1} / {:.1} ms | {} | {} / {} frames, {} gaps | {:.0}% |",
         m.listeners,
         label(args, m.kind),
         m.connect.as_secs_f64(),
@@ -288,6 +298,8 @@ fn print_row(args: &Args, m: &Measured) {
         m.threads,
         m.latency(0.5),
         m.latency(0.99),
+        m.fanout_ms
+            .map_or("–".into(), |(p50, p99)| format!("{p50:.2} / {p99:.2} ms")),
         m.sampled_frames,
         m.sampled_expected,
         m.gaps,
@@ -306,9 +318,9 @@ fn main() -> Result<()> {
         args.seconds,
         args.settle
     );
-    println!("| listeners | server | connect all | packets/s delivered | missing | user µs/pkt | kernel µs/pkt | total µs/pkt | server CPU | RSS KiB/listener | threads | latency p50 / p99 (sampled) | sampled listeners | generator CPU |");
+    println!("| listeners | server | connect all | packets/s delivered | missing | user µs/pkt | kernel µs/pkt | total µs/pkt | server CPU | RSS KiB/listener | threads | latency p50 / p99 (sampled) | relay adds p50 / p99 | sampled listeners | generator CPU |");
     println!(
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     let mut all = Vec::new();
     for &n in &args.listeners {

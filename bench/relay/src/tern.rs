@@ -92,6 +92,27 @@ impl Tern {
         self.relay.pid()
     }
 
+    /// The relay's own account of the time it adds (frame in from upstream → the last
+    /// listener's packet handed to the kernel), p50 and p99 in ms, from its `/metrics`.
+    pub(crate) fn fanout_ms(&self) -> Option<(f64, f64)> {
+        let (status, body) = http(
+            self.relay_http,
+            "GET",
+            "/metrics",
+            "",
+            b"",
+            Duration::from_secs(5),
+        )
+        .ok()?;
+        if status != 200 {
+            return None;
+        }
+        Some((
+            fanout_quantile(&body, "0.5")?,
+            fanout_quantile(&body, "0.99")?,
+        ))
+    }
+
     /// Where RTP for the broadcast goes (the origin's ingest endpoint).
     pub(crate) fn rtp_target(&self) -> SocketAddr {
         self.rtp_target
@@ -118,5 +139,31 @@ impl Tern {
 impl Drop for Tern {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A quantile of the relay's fan-out time summary in ms (summed over shards' series, if a
+/// label ever splits them: the largest wins).
+fn fanout_quantile(metrics: &str, q: &str) -> Option<f64> {
+    let key = format!("quantile=\"{q}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tern_relay_frame_fanout_seconds{") && l.contains(&key))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::max)
+        .map(|s| s * 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_fanout_quantiles() {
+        let m = "# TYPE tern_relay_frame_fanout_seconds summary\n\
+                 tern_relay_frame_fanout_seconds{quantile=\"0.5\"} 0.00025\n\
+                 tern_relay_frame_fanout_seconds{quantile=\"0.99\"} 0.0021\n\
+                 tern_relay_frame_fanout_seconds_sum 1\n";
+        assert_eq!(super::fanout_quantile(m, "0.5"), Some(0.25));
+        assert_eq!(super::fanout_quantile(m, "0.99"), Some(2.1));
+        assert_eq!(super::fanout_quantile(m, "0.9"), None);
     }
 }
