@@ -938,6 +938,8 @@ mod tests {
         raw: Vec<(Instant, Vec<u8>)>,
         /// The client's own SRTP keys, from its DTLS handshake.
         keys: KeySlot,
+        /// Its RTCP never reaches the core (a peer that does not report).
+        mute_rtcp: bool,
     }
 
     impl Client {
@@ -959,6 +961,7 @@ mod tests {
                     connected: false,
                     raw: vec![],
                     keys,
+                    mute_rtcp: false,
                 },
                 offer.to_sdp_string(),
                 pending,
@@ -1015,7 +1018,15 @@ mod tests {
                 c.rtc.handle_input(Input::Timeout(*now)).unwrap();
                 c.drain(&mut to_server);
             }
+            let muted: Vec<SocketAddr> = clients
+                .iter()
+                .filter(|c| c.mute_rtcp)
+                .map(|c| c.addr)
+                .collect();
             for t in to_server.drain(..) {
+                if is_rtcp(&t.contents) && muted.contains(&t.source) {
+                    continue;
+                }
                 f.handle_receive(t.source, &t.contents, *now);
             }
             if f.poll_timeout().is_some_and(|t| t <= *now) {
@@ -1630,5 +1641,39 @@ mod tests {
             .expect("SRTCP from the relay");
         assert_eq!(plain[1], 203);
         assert_eq!(f.listener_count(), 0);
+    }
+
+    #[test]
+    fn a_listener_that_never_reports_is_handed_off_after_a_quiet_while() {
+        let mut now = Instant::now();
+        let mut f = fanout();
+        let (mut clients, ids) = connect(&mut f, 1, now);
+        clients[0].mute_rtcp = true;
+        idle(&mut f, &mut clients, &mut now, Duration::from_secs(2));
+        let connected = now;
+        feed(
+            &mut f,
+            &mut clients,
+            &mut now,
+            HANDOFF_AFTER - Duration::from_secs(3),
+            0,
+        );
+        assert!(
+            f.listeners[&ids[0]].rtc.is_some(),
+            "no proof yet: str0m stays"
+        );
+        let n = feed(&mut f, &mut clients, &mut now, Duration::from_secs(40), 0);
+        assert!(
+            f.listeners[&ids[0]].rtc.is_none(),
+            "handed off by the timer"
+        );
+        assert_eq!(f.stats().handoffs, 1);
+        assert!(now > connected + HANDOFF_AFTER);
+        // Consent answers alone keep it, and media flows.
+        assert_eq!(f.listener_count(), 1);
+        assert!(clients[0].rtc.is_alive());
+        assert!(f.stats().consent_answers > 0);
+        let got = clients[0].received.len() as u64;
+        assert!(got >= n, "{got} frames for {n} in the last 40 s");
     }
 }
