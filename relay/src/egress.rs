@@ -16,7 +16,6 @@
 //! frame without any per-listener record of what was sent.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,7 +32,7 @@ pub const HISTORY: usize = 64;
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the answer negotiated for a listener's audio: where and how to write it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Track {
     /// The m-line's MID value.
     pub mid: String,
@@ -107,8 +106,6 @@ pub struct FeedbackOutcome {
 /// One listener's egress: its SRTP keys, header template and RTCP state.
 pub struct Egress {
     srtp: SrtpSession,
-    /// Where its packets go: the address its DTLS and RTCP come from.
-    pub dest: SocketAddr,
     ssrc: u32,
     cname: String,
     header: [u8; 40],
@@ -133,7 +130,6 @@ impl Egress {
     /// seen it (its rollover counter starts at zero).
     pub fn new(
         srtp: SrtpSession,
-        dest: SocketAddr,
         ssrc: u32,
         cname: String,
         track: &Track,
@@ -168,7 +164,6 @@ impl Egress {
         }
         Self {
             srtp,
-            dest,
             ssrc,
             cname,
             header,

@@ -162,7 +162,8 @@ struct Listener {
     track: Track,
     /// Filled with the SRTP keying material when the DTLS handshake completes.
     keys: KeySlot,
-    /// The listener's address for media: where its DTLS (and later SRTCP) comes from.
+    /// The listener's address for media: where its DTLS, and after the handshake its
+    /// authenticated SRTCP, comes from.
     dest: Option<SocketAddr>,
     /// The media path, from the moment ICE and DTLS are up.
     egress: Option<Box<Egress>>,
@@ -319,11 +320,11 @@ impl Fanout {
         };
         if let Some(rtc) = l.rtc.as_mut() {
             rtc.disconnect();
-        } else if let Some(egress) = l.egress.as_mut() {
+        } else if let (Some(egress), Some(dest)) = (l.egress.as_mut(), l.dest) {
             // After the hand-off there is no DTLS to close: an RTCP BYE tells the listener.
             let mut bye = Vec::new();
             egress.bye(&mut bye);
-            self.out.send(self.config.local, egress.dest, bye);
+            self.out.send(self.config.local, dest, bye);
         }
         l.dead = Some(LeaveReason::Deleted);
         drain(id, l, &mut self.out, &self.crypto);
@@ -348,7 +349,7 @@ impl Fanout {
     fn owner(&self, source: SocketAddr, data: &[u8]) -> Option<ListenerId> {
         match self.by_addr.get(&source) {
             Some(id) => Some(*id),
-            None => stun_local_ufrag(data).and_then(|u| self.by_ufrag.get(u).copied()),
+            None => stun::local_ufrag(data).and_then(|u| self.by_ufrag.get(u).copied()),
         }
     }
 
@@ -370,7 +371,7 @@ impl Fanout {
                 return true;
             };
             // Authenticated: this is where the listener receives now.
-            egress.dest = source;
+            l.dest = Some(source);
             for packet in resend {
                 self.out.send(self.config.local, source, packet);
             }
@@ -466,17 +467,18 @@ impl Fanout {
             if l.dead.is_some() {
                 continue;
             }
-            let Some(egress) = l.egress.as_mut() else {
+            // A listener has egress only once its address is known (`start_egress`).
+            let (Some(egress), Some(dest)) = (l.egress.as_mut(), l.dest) else {
                 continue;
             };
             let mut packet = Vec::with_capacity(64 + out_frame.payload.len());
             egress.write(out_frame, now, &mut packet);
             self.out.stats.frames_out += 1;
-            self.out.send(self.config.local, egress.dest, packet);
+            self.out.send(self.config.local, dest, packet);
             let mut report = Vec::new();
             if egress.maybe_report(now, &mut report) {
                 self.out.stats.sender_reports += 1;
-                self.out.send(self.config.local, egress.dest, report);
+                self.out.send(self.config.local, dest, report);
             }
         }
     }
@@ -657,14 +659,18 @@ struct Sink {
 
 impl Sink {
     fn send(&mut self, source: SocketAddr, destination: SocketAddr, packet: Vec<u8>) {
-        self.stats.datagrams_out += 1;
-        self.stats.bytes_out += packet.len() as u64;
-        self.transmits.push_back(Transmit {
+        self.push(Transmit {
             proto: Protocol::Udp,
             source,
             destination,
             contents: packet.into(),
         });
+    }
+
+    fn push(&mut self, t: Transmit) {
+        self.stats.datagrams_out += 1;
+        self.stats.bytes_out += t.contents.len() as u64;
+        self.transmits.push_back(t);
     }
 
     fn feedback(&mut self, id: ListenerId, outcome: &FeedbackOutcome) {
@@ -703,9 +709,7 @@ fn drain(id: ListenerId, l: &mut Listener, out: &mut Sink, crypto: &CryptoProvid
                     // DTLS goes to the address ICE selected; so will the media.
                     l.dest = Some(t.destination);
                 }
-                out.stats.datagrams_out += 1;
-                out.stats.bytes_out += t.contents.len() as u64;
-                out.transmits.push_back(t);
+                out.push(t);
             }
             Ok(Output::Event(e)) => match e {
                 Event::Connected => match start_egress(l, crypto) {
@@ -739,10 +743,12 @@ fn start_egress(l: &mut Listener, crypto: &CryptoProvider) -> Result<Egress, Err
     let keying = dtls_keys::take(&l.keys)
         .ok_or_else(|| Error::WebRtc("DTLS finished without SRTP keying material".into()))?;
     let srtp = SrtpSession::new(crypto, keying.profile, &keying.material, keying.client)?;
-    let dest = l
-        .dest
-        .or_else(|| l.addrs.first().copied())
-        .ok_or_else(|| Error::WebRtc("connected without a peer address".into()))?;
+    if l.dest.is_none() {
+        l.dest = l.addrs.first().copied();
+    }
+    if l.dest.is_none() {
+        return Err(Error::WebRtc("connected without a peer address".into()));
+    }
     let rtc = l
         .rtc
         .as_mut()
@@ -758,14 +764,7 @@ fn start_egress(l: &mut Listener, crypto: &CryptoProvider) -> Result<Egress, Err
         .media(mid)
         .map(|m| m.cname().to_string())
         .unwrap_or_else(|| "tern".into());
-    Ok(Egress::new(
-        srtp,
-        dest,
-        ssrc,
-        cname,
-        &l.track,
-        rand::random(),
-    ))
+    Ok(Egress::new(srtp, ssrc, cname, &l.track, rand::random()))
 }
 
 /// Remembers when a listener connected (drain saw str0m's event; `now` is the caller's).
@@ -819,12 +818,7 @@ fn is_dtls(data: &[u8]) -> bool {
 fn answer_track(answer: &str) -> Option<Track> {
     let mut found: Option<Track> = None;
     let mut in_audio = false;
-    let mut current = Track {
-        mid: String::new(),
-        pt: 0,
-        mid_ext: None,
-        abs_capture_ext: None,
-    };
+    let mut current = Track::default();
     let mut has_pt = false;
     for line in answer.lines().chain(std::iter::once("m=end 0")) {
         if line.starts_with("m=") {
@@ -834,12 +828,7 @@ fn answer_track(answer: &str) -> Option<Track> {
             }
             // A port of 0 means the m-line was rejected.
             in_audio = line.starts_with("m=audio ") && !line.starts_with("m=audio 0 ");
-            current = Track {
-                mid: String::new(),
-                pt: 0,
-                mid_ext: None,
-                abs_capture_ext: None,
-            };
+            current = Track::default();
             has_pt = false;
         } else if let Some(m) = line.strip_prefix("a=mid:") {
             current.mid = m.trim().to_string();
@@ -896,29 +885,6 @@ fn check_offer(offer: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
-}
-
-/// The local (our) ICE username fragment of a STUN binding request, if `data` is one.
-///
-/// STUN (RFC 8489): 20-byte header with the magic cookie at bytes 4..8, then TLV attributes
-/// padded to 4 bytes. USERNAME (0x0006) is "ours:theirs" in requests we receive.
-fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
-    if data.len() < 20 || data[0] >= 4 || data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
-        return None;
-    }
-    let mut rest = &data[20..];
-    while rest.len() >= 4 {
-        let ty = u16::from_be_bytes([rest[0], rest[1]]);
-        let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
-        let value = rest.get(4..4 + len)?;
-        if ty == 0x0006 {
-            let username = std::str::from_utf8(value).ok()?;
-            return username.split(':').next();
-        }
-        let padded = (4 + len + 3) & !3;
-        rest = rest.get(padded..)?;
-    }
-    None
 }
 
 #[cfg(test)]
@@ -1304,19 +1270,6 @@ mod tests {
             reason: LeaveReason::ConnectTimeout
         }));
         assert_eq!(f.listener_count(), 1, "the connected listener stays");
-    }
-
-    #[test]
-    fn stun_username_parsing() {
-        let mut pkt = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
-        pkt.extend_from_slice(&[0; 12]);
-        // An unrelated attribute first (PRIORITY, 4 bytes), then USERNAME "abcd:wxyz1" (10, padded).
-        pkt.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4]);
-        pkt.extend_from_slice(&[0x00, 0x06, 0x00, 0x0a]);
-        pkt.extend_from_slice(b"abcd:wxyz1\0\0");
-        assert_eq!(stun_local_ufrag(&pkt), Some("abcd"));
-        assert_eq!(stun_local_ufrag(&pkt[..30]), None);
-        assert_eq!(stun_local_ufrag(&[0x80; 40]), None);
     }
 
     /// The client's SRTP session, from the keys its DTLS handshake exported.

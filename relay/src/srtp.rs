@@ -539,41 +539,23 @@ impl Aead {
         let (ciphertext, tag) = input.split_at(len);
         let body = &mut output[..len];
         body.copy_from_slice(ciphertext);
-        // SRTP's AADs are a header and, for SRTCP, a 4-byte trailer: joined on the stack.
-        let mut joined = [0u8; 128];
+        // SRTP's AAD is the header; SRTCP's is the header and a 4-byte trailer, joined (only
+        // on receipt of a listener's RTCP, every few seconds).
+        let joined;
         let aad: &[u8] = match aads {
             [one] => one,
             _ => {
-                let total: usize = aads.iter().map(|a| a.len()).sum();
-                if total > joined.len() {
-                    let mut v = Vec::with_capacity(total);
-                    aads.iter().for_each(|a| v.extend_from_slice(a));
-                    return self.open_joined(iv, &v, tag, body).map(|()| len);
-                }
-                let mut at = 0;
-                for a in aads {
-                    joined[at..at + a.len()].copy_from_slice(a);
-                    at += a.len();
-                }
-                &joined[..total]
+                joined = aads.concat();
+                &joined
             }
         };
-        self.open_joined(iv, aad, tag, body).map(|()| len)
-    }
-
-    fn open_joined(
-        &mut self,
-        iv: &[u8; 12],
-        aad: &[u8],
-        tag: &[u8],
-        body: &mut [u8],
-    ) -> Result<(), CryptoError> {
         let nonce = aes_gcm::Nonce::from_slice(iv);
         let tag = aes_gcm::Tag::from_slice(tag);
         match self {
             Self::A128(c) => c.decrypt_in_place_detached(nonce, aad, body, tag),
             Self::A256(c) => c.decrypt_in_place_detached(nonce, aad, body, tag),
         }
+        .map(|()| len)
         .map_err(|_| CryptoError::Other("AES-GCM open failed".into()))
     }
 }

@@ -151,6 +151,30 @@ pub fn answer(
     Ok(())
 }
 
+/// The local (our) ICE username fragment of a STUN binding request, if `data` is one: how a
+/// datagram from an address not seen yet finds its listener.
+///
+/// STUN (RFC 8489): 20-byte header with the magic cookie at bytes 4..8, then TLV attributes
+/// padded to 4 bytes. USERNAME is "ours:theirs" in requests we receive.
+pub fn local_ufrag(data: &[u8]) -> Option<&str> {
+    if data.len() < 20 || data[0] >= 4 || data[4..8] != MAGIC_COOKIE {
+        return None;
+    }
+    let mut rest = &data[20..];
+    while rest.len() >= 4 {
+        let ty = u16::from_be_bytes([rest[0], rest[1]]);
+        let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+        let value = rest.get(4..4 + len)?;
+        if ty == ATTR_USERNAME {
+            let username = std::str::from_utf8(value).ok()?;
+            return username.split(':').next();
+        }
+        let padded = (4 + len + 3) & !3;
+        rest = rest.get(padded..)?;
+    }
+    None
+}
+
 fn set_len(out: &mut [u8], start: usize, len: usize) {
     out[start + 2..start + 4].copy_from_slice(&(len as u16).to_be_bytes());
 }
@@ -279,5 +303,18 @@ mod tests {
             assert!(answer(&noise, src, &creds(), hmac(), &mut out).is_err());
         }
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn stun_username_parsing() {
+        let mut pkt = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        pkt.extend_from_slice(&[0; 12]);
+        // An unrelated attribute first (PRIORITY, 4 bytes), then USERNAME "abcd:wxyz1" (10, padded).
+        pkt.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4]);
+        pkt.extend_from_slice(&[0x00, 0x06, 0x00, 0x0a]);
+        pkt.extend_from_slice(b"abcd:wxyz1\0\0");
+        assert_eq!(local_ufrag(&pkt), Some("abcd"));
+        assert_eq!(local_ufrag(&pkt[..30]), None);
+        assert_eq!(local_ufrag(&[0x80; 40]), None);
     }
 }
