@@ -220,6 +220,11 @@ impl Egress {
             .protect_rtp(&header[..self.header_len], &frame.payload, index, out);
     }
 
+    /// The SRTP protection profile the listener's handshake chose, by its registered name.
+    pub fn srtp_profile(&self) -> &'static str {
+        self.srtp.profile_name()
+    }
+
     /// Appends a sender report if one is due. Returns whether it did.
     pub fn maybe_report(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
         let (Some(due), Some((_, rtp_time, capture_us))) = (self.next_report, self.last) else {

@@ -87,7 +87,12 @@ pub enum LeaveReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum FanoutEvent {
     /// ICE and DTLS are up; media flows from now on.
-    Connected(ListenerId),
+    Connected {
+        /// Who connected.
+        id: ListenerId,
+        /// The SRTP protection profile its handshake chose, by its registered name.
+        srtp_profile: &'static str,
+    },
     /// A listener's receiver report (browsers send one every few seconds).
     Report {
         /// Who reported.
@@ -714,9 +719,11 @@ fn drain(id: ListenerId, l: &mut Listener, out: &mut Sink, crypto: &CryptoProvid
             Ok(Output::Event(e)) => match e {
                 Event::Connected => match start_egress(l, crypto) {
                     Ok(egress) => {
+                        let srtp_profile = egress.srtp_profile();
                         l.egress = Some(Box::new(egress));
                         l.connected = true;
-                        out.events.push_back(FanoutEvent::Connected(id));
+                        out.events
+                            .push_back(FanoutEvent::Connected { id, srtp_profile });
                     }
                     Err(e) => {
                         warn!(listener = id.0, "no media path: {e}");
@@ -1091,6 +1098,14 @@ mod tests {
             clients.iter().all(|c| c.connected),
             "ICE/DTLS did not complete"
         );
+        let mut profiles = Vec::new();
+        while let Some(e) = f.poll_event() {
+            if let FanoutEvent::Connected { srtp_profile, .. } = e {
+                profiles.push(srtp_profile);
+            }
+        }
+        // str0m prefers AES-256-GCM, as Chromium does.
+        assert_eq!(profiles, ["SRTP_AEAD_AES_256_GCM"; 2]);
         let seq = feed(&mut f, &mut clients, &mut now, Duration::from_secs(1), 0);
         for c in &clients {
             assert_eq!(c.received.len() as u64, seq, "every frame arrives");

@@ -858,7 +858,11 @@ impl Shard {
         let shard = self.index;
         while let Some(e) = self.fanout.poll_event() {
             match e {
-                FanoutEvent::Connected(id) => info!(shard, listener = id.0, "listener connected"),
+                FanoutEvent::Connected { id, srtp_profile } => {
+                    info!(shard, listener = id.0, srtp_profile, "listener connected");
+                    metrics::counter!("tern_relay_srtp_sessions_total", "profile" => srtp_profile)
+                        .increment(1);
+                }
                 FanoutEvent::Report {
                     loss, jitter, rtt, ..
                 } => {

@@ -87,6 +87,15 @@ impl Suite {
         }
     }
 
+    /// The profile's name in IANA's DTLS-SRTP registry (RFC 5764, RFC 7714).
+    fn name(self) -> &'static str {
+        match self {
+            Self::CmSha1 => "SRTP_AES128_CM_HMAC_SHA1_80",
+            Self::Gcm128 => "SRTP_AEAD_AES_128_GCM",
+            Self::Gcm256 => "SRTP_AEAD_AES_256_GCM",
+        }
+    }
+
     fn tag_len(self) -> usize {
         match self {
             Self::CmSha1 => HMAC_TAG_LEN,
@@ -170,6 +179,11 @@ impl SrtpSession {
             srtcp_index: 0,
             rtcp_replay: ReplayWindow::default(),
         })
+    }
+
+    /// The negotiated protection profile, by its registered name (`SRTP_AEAD_AES_128_GCM`, ...).
+    pub fn profile_name(&self) -> &'static str {
+        self.suite.name()
     }
 
     /// Bytes added to each RTP packet (tag length): 10 for AES-CM-SHA1-80, 16 for GCM.

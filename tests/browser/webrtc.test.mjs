@@ -108,6 +108,27 @@ test("RTCP flows both ways: sender reports reach the browser, its reports reach 
   }
 });
 
+test("relay and browser agree on the SRTP profile the handshake chose", { timeout: 15_000 }, async (t) => {
+  const cipher = await page.evaluate(async () => {
+    let out = null;
+    (await window.tern.pc.getStats()).forEach((s) => {
+      if (s.type === "transport" && s.srtpCipher) out = s.srtpCipher;
+    });
+    return out;
+  });
+  const text = await (await fetch(`${tern.base}/metrics`)).text();
+  const sessions = [...text.matchAll(/^tern_relay_srtp_sessions_total\{profile="([^"]+)"\} (\d+)/gm)]
+    .map((m) => [m[1], Number(m[2])]);
+  t.diagnostic(`browser srtpCipher ${cipher}; relay ${JSON.stringify(sessions)}`);
+  assert.ok(cipher, "the browser reports its SRTP cipher");
+  // Chromium names profiles as BoringSSL does (SRTP_AES128_CM_SHA1_80), the relay as IANA's
+  // registry does (SRTP_AES128_CM_HMAC_SHA1_80); the GCM names are the same in both.
+  const same = (name) => name.replace("_HMAC_", "_");
+  // One listener so far: exactly one session, under the profile the browser names.
+  assert.deepEqual(sessions.map(([p, n]) => [same(p), n]), [[same(cipher), 1]],
+    `relay: ${JSON.stringify(sessions)}${context()}`);
+});
+
 test("after the relay frees its WebRTC state, its consent answers keep the browser connected", {
   timeout: 40_000,
 }, async () => {
